@@ -1,0 +1,88 @@
+"""End-to-end runs of the real scripts at tiny sizes, as a user runs them."""
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.conftest import ROOT, TINY_TRAIN, run_script
+
+
+def events(run_dir):
+    files = sorted(run_dir.glob("events.out.tfevents*"))
+    acc = EventAccumulator(str(files[0]))
+    acc.Reload()
+    return files, acc
+
+
+@pytest.mark.parametrize("model", ["ad_dr", "ad_compressed_dr"])
+def test_collect_train_evaluate_end_to_end(tiny_data, tmp_path, model):
+    runs = tmp_path / "runs"
+    common = tiny_data + [f"run_root={runs}"]
+    run_script("collect.py", *common)
+    out = run_script("train.py", *common, *TINY_TRAIN[model], "run_name=e2e")
+    run_dir = runs / "e2e"
+    assert "parameters" in out.stdout
+    ckpt = torch.load(run_dir / "checkpoint-final.pt", weights_only=True)
+    assert ckpt["global_step"] == 6 and isinstance(ckpt["config"], dict)
+    assert (run_dir / "checkpoint-step3.pt").is_file() and (run_dir / "config.yaml").is_file()
+    files, acc = events(run_dir)
+    assert len(files) == 1
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss_action", "train/acc_action", "train/lr", "eval/mean_reward", "test/loss_action"} <= tags
+    if model == "ad_compressed_dr":
+        assert {"train/depth_share/0", "eval/n_compressions_mean"} & tags
+    assert "config" in "".join(acc.Tags()["tensors"])  # hyperparameters as text
+
+    out = run_script("evaluate.py", f"checkpoint={run_dir / 'checkpoint-final.pt'}", "n_episodes=4", "n_envs_per_goal=2")
+    result = json.loads((run_dir / "eval" / "test.json").read_text())
+    assert len(result["goals"]) == 8 and len(result["returns"]) == 8 and len(result["returns"][0]) == 4
+    assert len(result["mean_return_per_episode"]) == 4 and 0 <= result["fraction_of_optimal_last10"] <= 1
+    assert (run_dir / "eval" / "test.png").stat().st_size > 1000
+    if model == "ad_compressed_dr":
+        assert "n_compressions" in result and result["peak_decoder_length"] <= 56
+    assert "fraction of optimal" in out.stdout
+
+
+def test_missing_dataset_names_the_collect_command(tmp_path):
+    out = run_script("train.py", f"data_root={tmp_path}", f"run_root={tmp_path / 'runs'}", "experiment=quick", check=False)
+    assert out.returncode != 0
+    assert "python collect.py experiment=quick" in out.stderr
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_missing_checkpoint_names_the_path(tmp_path):
+    out = run_script("evaluate.py", f"checkpoint={tmp_path / 'nope.pt'}", check=False)
+    assert out.returncode != 0 and "checkpoint not found" in out.stderr and "nope.pt" in out.stderr
+
+
+def test_existing_run_dir_is_not_overwritten(tiny_data, tmp_path):
+    runs = tmp_path / "runs"
+    args = [*tiny_data, f"run_root={runs}", *TINY_TRAIN["ad_dr"], "run_name=twice"]
+    run_script("train.py", *args)
+    before = {p.name: p.stat().st_mtime_ns for p in (runs / "twice").iterdir()}
+    out = run_script("train.py", *args, check=False)
+    assert out.returncode != 0 and "resume=true" in out.stderr and "run_name" in out.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in (runs / "twice").iterdir()} == before
+
+
+def test_two_cpu_processes_through_accelerate_launch(tiny_data, tmp_path):
+    """accelerate_config.yaml with 2 processes on CPU: world size 2, disjoint data, one run dir and event file."""
+    runs = tmp_path / "runs"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_config.yaml"),
+                "--num_processes", "2", "--main_process_port", "29517"]
+    out = run_script("train.py", *tiny_data, f"run_root={runs}", *TINY_TRAIN["ad_dr"], "run_name=ddp",
+                     "log_first_batch=true", launcher=launcher, env={"CUDA_VISIBLE_DEVICES": ""})
+    assert "2 process(es)" in out.stdout
+    seen = [json.loads(line.split("BATCH ", 1)[1]) for line in out.stdout.splitlines() if "BATCH " in line]
+    by_rank = {}
+    for record in seen:
+        by_rank.setdefault(record["rank"], set()).update(record["index"])
+    assert set(by_rank) == {0, 1} and not by_rank[0] & by_rank[1]
+    assert sorted(p.name for p in (runs.iterdir())) == ["ddp"]
+    files, _ = events(runs / "ddp")
+    assert len(files) == 1
+    assert sorted(p.name for p in (runs / "ddp").glob("*.pt")) == ["checkpoint-final.pt", "checkpoint-step3.pt"]

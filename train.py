@@ -1,0 +1,232 @@
+"""Main training (stage 2): AD or CompressedAD on learning histories, under Accelerate.
+
+    python train.py experiment=quick model=ad_dr
+    accelerate launch --config_file accelerate_config.yaml train.py model=ad_dr
+
+Logs to TensorBoard in runs/<run_name>/ (train/*, test/loss_action, eval/*), evaluates in context on
+held-out goals every `eval_interval` steps, and writes checkpoints atomically from the main process.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from itertools import count
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from dataset import build_dataset, collate_fn_for, load_histories, load_metadata
+from env import make_env_spec
+from evaluate import run_in_context, summarize, write_results
+from model import MODELS, build_model, check_sizes
+from utils.io import atomic_torch_save
+from utils.run import (TrainingError, UserConfigError, config_as_markdown, cosine_schedule, exit_on_user_error,
+                       make_optimizer, plain_config, prepare_run_dir)
+
+
+def action_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
+    """Cross-entropy of the predicted actions (targets of -100 are ignored) and a flat log dict.
+
+    For compressed batches the log also holds per-depth sums (`depth_loss_sum`, `depth_count`), from
+    which the caller logs the loss at each compression depth and the depth mix.
+    """
+    logits = model(batch)
+    targets = batch["target_actions"]
+    per_token = F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=-100, reduction="none")
+    valid = targets != -100
+    loss = per_token.sum() / valid.sum()
+    acc = (logits.argmax(-1) == targets)[valid].float().mean()
+    logs = {"loss_action": loss.detach(), "acc_action": acc.detach()}
+    if "depth" in batch:
+        n_depths = batch["depth_histogram"].numel()  # max_compression_depth + 1, the same for every batch
+        per_sample = (per_token.detach().sum(1) / valid.sum(1)).float()
+        logs["depth_loss_sum"] = torch.zeros(n_depths, device=loss.device).index_add_(0, batch["depth"], per_sample)
+        logs["depth_count"] = torch.bincount(batch["depth"], minlength=n_depths).float()
+    return loss, logs
+
+
+@torch.no_grad()
+def held_out_loss(model, dataset, collate, n_batches: int, batch_size: int, device) -> dict:
+    """Action loss on fixed windows of the held-out goals' histories (same windows every time)."""
+    was_training = model.training
+    model.eval()
+    rng = np.random.default_rng(0)
+    sums = {}
+    for _ in range(n_batches):
+        batch = collate(dataset.__getitems__(rng.integers(0, len(dataset), batch_size)))
+        _, logs = action_loss(model, {k: v.to(device) for k, v in batch.items()})
+        for k in ("loss_action", "acc_action"):
+            sums[k] = sums.get(k, 0.0) + float(logs[k]) / n_batches
+    model.train(was_training)
+    return sums
+
+
+def save_checkpoint(path: Path, accelerator, model, optimizer, step: int, cfg: DictConfig) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_torch_save(
+            {
+                "model_state_dict": accelerator.unwrap_model(model).state_dict(),
+                "optimizer_state_dict": optimizer.state_dict(),
+                "global_step": step,
+                "config": plain_config(cfg),
+            },
+            path,
+        )
+    accelerator.wait_for_everyone()
+
+
+def validate_config(cfg: DictConfig, world: int):
+    """Refuse values that cannot work together before anything is written; returns the env spec."""
+    mcfg = cfg.model
+    try:
+        spec = make_env_spec(cfg.env)
+        if mcfg.model not in MODELS:
+            raise ValueError(f"Unknown model '{mcfg.model}'. Known models: {sorted(MODELS)} (pick model=<file in config/model>).")
+        if mcfg.model == "CompressedAD":
+            check_sizes(mcfg)
+    except ValueError as e:
+        raise UserConfigError(str(e)) from None
+    if mcfg.train_batch_size < world or mcfg.train_batch_size % world:
+        raise UserConfigError(
+            f"model.train_batch_size={mcfg.train_batch_size} must be a positive multiple of the number of processes ({world})."
+        )
+    if mcfg.num_warmup_steps < 1 or mcfg.train_timesteps < 1:
+        raise UserConfigError("model.num_warmup_steps and model.train_timesteps must be >= 1.")
+    return spec
+
+
+def train(cfg: DictConfig) -> dict:
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+    mcfg = cfg.model
+    world = accelerator.num_processes
+    spec = validate_config(cfg, world)
+    train_set = build_dataset(mcfg, load_histories(cfg, "train"), seed=cfg.seed)
+    test_set = build_dataset(mcfg, load_histories(cfg, "test"), seed=cfg.seed + 1)
+    source_curve = load_metadata(cfg)["learning_curve"][cfg.eval.split]
+    run_dir = prepare_run_dir(cfg, accelerator)
+
+    set_seed(cfg.seed)  # same initial weights on every rank
+    model = build_model(mcfg, spec.n_states, spec.n_actions)
+    optimizer = make_optimizer(model, mcfg.lr, mcfg.weight_decay, mcfg.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_schedule(s, mcfg.num_warmup_steps, mcfg.train_timesteps, mcfg.min_lr_ratio)
+    )
+    loader = DataLoader(
+        train_set, batch_size=mcfg.train_batch_size // world, shuffle=True, drop_last=True,
+        collate_fn=collate_fn_for(mcfg), generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    # the scheduler is stepped by hand, once per optimizer step, whatever the number of processes
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    set_seed(cfg.seed, device_specific=True)  # different dropout draws per rank
+
+    n_params = sum(p.numel() for p in model.parameters())
+    writer = None
+    if accelerator.is_main_process:
+        writer = SummaryWriter(str(run_dir))
+        writer.add_text("config", config_as_markdown(cfg))
+        print(f"{mcfg.model}: {n_params:,} parameters, {len(train_set):,} training windows, "
+              f"{world} process(es), global batch {mcfg.train_batch_size} -> {run_dir}")
+
+    def evaluate_now(step: int) -> dict:
+        raw = accelerator.unwrap_model(model)
+        goals = spec.goals(cfg.eval.split)
+        rollout = run_in_context(raw, spec, goals, cfg.eval.n_episodes, cfg.eval.n_envs_per_goal, cfg.eval.seed,
+                                 cfg.eval.use_cache, accelerator.device)
+        result = summarize(goals, spec, rollout)
+        result["global_step"] = step
+        write_results(result, run_dir, cfg.eval.split, source_curve)
+        test = held_out_loss(raw, test_set, collate_fn_for(mcfg), cfg.test_loss_batches, mcfg.train_batch_size, accelerator.device)
+        last10 = np.asarray(result["mean_return_per_episode"][-10:]).mean()
+        writer.add_scalar("eval/mean_reward", last10, step)
+        writer.add_scalar("eval/fraction_of_optimal_last10", result["fraction_of_optimal_last10"], step)
+        writer.add_scalar("eval/fraction_of_optimal_first10", result["fraction_of_optimal_first10"], step)
+        for k, v in test.items():
+            writer.add_scalar(f"test/{k}", v, step)
+        for k in ("n_compressions_mean", "peak_decoder_length"):
+            if k in result:
+                writer.add_scalar(f"eval/{k}", result[k], step)
+        tqdm.write(f"step {step}: held-out fraction of optimal first10 {result['fraction_of_optimal_first10']:.3f} "
+                   f"-> last10 {result['fraction_of_optimal_last10']:.3f}, test loss {test['loss_action']:.3f}")
+        return result
+
+    model.train()
+    step, result, t_start = 0, {}, time.perf_counter()
+    logs_sum, n_logged = {}, 0
+    bar = tqdm(total=mcfg.train_timesteps, disable=not accelerator.is_local_main_process, desc="train",
+               mininterval=0.5 if sys.stderr.isatty() else 30)
+    for epoch in count():
+        loader.set_epoch(epoch)
+        for batch in loader:
+            if cfg.log_first_batch and step == 0:
+                print(f"BATCH {json.dumps({'rank': accelerator.process_index, 'index': batch['index'].tolist()})}", flush=True)
+            loss, logs = action_loss(model, batch)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"Loss is {loss.item()} at step {step}: stopped. The last checkpoint in {run_dir} is intact; "
+                                    f"lower model.lr or use mixed_precision=no.")
+            accelerator.backward(loss)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), mcfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+
+            for k, v in logs.items():
+                logs_sum[k] = logs_sum.get(k, 0.0) + v
+            n_logged += 1
+            if step % cfg.log_interval == 0 or step == mcfg.train_timesteps:
+                means = {k: accelerator.reduce(logs_sum[k] / n_logged, reduction="mean").item() for k in ("loss_action", "acc_action")}
+                if writer is not None:
+                    for k, v in means.items():
+                        writer.add_scalar(f"train/{k}", v, step)
+                    writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+                    writer.add_scalar("train/grad_norm", float(grad_norm), step)
+                    writer.add_scalar("train/seconds_per_step", (time.perf_counter() - t_start) / step, step)
+                if "depth_count" in logs_sum:  # CompressedAD: loss per compression depth and the depth mix
+                    loss_sum, counts = (accelerator.reduce(logs_sum[k], reduction="sum") for k in ("depth_loss_sum", "depth_count"))
+                    if writer is not None:
+                        for d, (l, n) in enumerate(zip(loss_sum.tolist(), counts.tolist())):
+                            writer.add_scalar(f"train/depth_share/{d}", n / max(1.0, counts.sum().item()), step)
+                            if n:
+                                writer.add_scalar(f"train/loss_action_depth{d}", l / n, step)
+                bar.set_postfix(loss=f"{means['loss_action']:.3f}", acc=f"{means['acc_action']:.3f}", refresh=False)
+                logs_sum, n_logged = {}, 0
+
+            final = step == mcfg.train_timesteps
+            if cfg.eval_interval and step % cfg.eval_interval == 0 or final:
+                if accelerator.is_main_process:
+                    result = evaluate_now(step)
+                accelerator.wait_for_everyone()
+            if step % cfg.save_interval == 0 or final:
+                save_checkpoint(run_dir / ("checkpoint-final.pt" if final else f"checkpoint-step{step}.pt"),
+                                accelerator, model, optimizer, step, cfg)
+            if final:
+                break
+        if step >= mcfg.train_timesteps:
+            break
+    bar.close()
+    if writer is not None:
+        writer.close()
+        print(f"Done in {time.perf_counter() - t_start:.0f} s. Checkpoint: {run_dir / 'checkpoint-final.pt'}")
+    accelerator.end_training()
+    return result
+
+
+@hydra.main(version_base=None, config_path="config", config_name="train")
+def main(cfg: DictConfig) -> None:
+    exit_on_user_error(train, cfg)
+
+
+if __name__ == "__main__":
+    main()

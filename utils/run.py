@@ -1,0 +1,97 @@
+"""Run directories and training helpers shared by train.py and pretrain_encoder.py."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from utils.io import atomic_write_text
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used as asked; the message offers the ways out."""
+
+
+def _has_outputs(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any(run_dir.iterdir())
+
+
+def prepare_run_dir(cfg: DictConfig, accelerator) -> Path:
+    """runs/<run_name>/, refusing to write into an existing run unless resume or overwrite is asked.
+
+    Every rank decides from the file system before any rank writes, so all ranks agree.
+    `overwrite=true` moves the old run aside (`<run_dir>.replaced-<time>`); nothing is deleted.
+    """
+    run_dir = Path(cfg.run_root) / cfg.run_name
+    exists = _has_outputs(run_dir)
+    resume, overwrite = bool(cfg.get("resume", False)), bool(cfg.get("overwrite", False))
+    accelerator.wait_for_everyone()
+    if exists and not resume and not overwrite:
+        raise RunDirError(
+            f"Run dir '{run_dir}' already holds a run. Continue it with resume=true, start a new one with "
+            f"run_name=<new name>, or move it aside with overwrite=true."
+        )
+    if resume and not exists:
+        raise RunDirError(f"resume=true but run dir '{run_dir}' holds no run to resume. Drop resume=true or fix run_name.")
+    if accelerator.is_main_process:
+        if exists and overwrite and not resume:
+            run_dir.rename(run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(OmegaConf.to_yaml(cfg, resolve=True), run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+def plain_config(cfg: DictConfig) -> dict:
+    """The resolved config as plain containers: loadable with torch.load(weights_only=True)."""
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def cosine_schedule(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine down to `min_ratio` at `total` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas, params=None) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not biases or LayerNorm gains); fused on CUDA."""
+    params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None)
+
+
+def config_as_markdown(cfg: DictConfig) -> str:
+    return "```yaml\n" + OmegaConf.to_yaml(cfg, resolve=True) + "```"
+
+
+def exit_on_user_error(fn, cfg) -> None:
+    """Run a script's main function; a bad input (missing file, clashing config, ...) ends the
+    process with its message and exit code 1 instead of a stack trace. Bugs still raise."""
+    import sys
+
+    from dataset import DatasetError
+    from utils.io import CheckpointError
+
+    user_errors = (DatasetError, CheckpointError, RunDirError, UserConfigError, TrainingError)
+    try:
+        fn(cfg)
+    except user_errors as e:
+        print(f"Error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+class UserConfigError(ValueError):
+    """A config value that cannot work; the message names the value and the fix."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a NaN loss); the message says at which step and what is kept."""
