@@ -164,7 +164,7 @@ def hashed_ints(index: np.ndarray, salt: int, low, high) -> np.ndarray:
 class ADCompressedDataset(Dataset):
     """Contiguous history of one stream, cut into a compression chain: index = (stream, start).
 
-    A sample has depth k in [0, max_compression_depth] (uniform), k chunks of lengths in
+    A sample has depth k in [min_depth, max_compression_depth] (uniform unless `depth_weights`), k chunks of lengths in
     [min_compress_length, max_compress_length] that the model compresses stage by stage, then an
     uncompressed part of length in [min_uncompressed_length, max_uncompressed_length] whose actions
     are the targets. Arrays are padded to the maxima (`chunk_lengths` = 0 marks a missing stage,
@@ -172,9 +172,16 @@ class ADCompressedDataset(Dataset):
     """
 
     def __init__(self, histories: dict, max_compression_depth: int, min_compress_length: int, max_compress_length: int,
-                 min_uncompressed_length: int, max_uncompressed_length: int, seed: int = 0, min_depth: int = 0):
+                 min_uncompressed_length: int, max_uncompressed_length: int, seed: int = 0, min_depth: int = 0,
+                 depth_weights=None):
         self.tokens, self.actions = stream_tokens(histories)
         self.depth_range = (min_depth, max_compression_depth)
+        n_depths = max_compression_depth - min_depth + 1
+        weights = np.ones(n_depths) if depth_weights is None else np.asarray(depth_weights, dtype=np.float64)
+        if len(weights) != n_depths or (weights < 0).any() or weights.sum() <= 0:
+            raise DatasetError(f"depth_weights {list(weights)} must be {n_depths} non-negative numbers, one per depth "
+                               f"{min_depth}..{max_compression_depth}.")
+        self.depth_cdf = np.cumsum(weights) / weights.sum()
         self.compress_range = (min_compress_length, max_compress_length)
         self.uncompressed_range = (min_uncompressed_length, max_uncompressed_length)
         self.seed = seed
@@ -191,7 +198,8 @@ class ADCompressedDataset(Dataset):
     def sample_layout(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per index: depth [B], chunk lengths [B, D] (0 beyond the depth), uncompressed length [B]."""
         D = self.depth_range[1]
-        depth = hashed_ints(indices, self.seed * 7919 + 1, *self.depth_range)
+        u = hashed_ints(indices, self.seed * 7919 + 1, 0, 2**40 - 1) / 2.0**40
+        depth = self.depth_range[0] + np.minimum(np.searchsorted(self.depth_cdf, u, side="right"), len(self.depth_cdf) - 1)
         chunk_len = np.stack([hashed_ints(indices, self.seed * 7919 + 2 + j, *self.compress_range) for j in range(D)], axis=1) \
             if D else np.zeros((len(indices), 0), np.int64)
         chunk_len = np.where(np.arange(D) < depth[:, None], chunk_len, 0)

@@ -49,7 +49,7 @@ def run_in_context(model, spec: DarkroomSpec, goals: np.ndarray, n_episodes: int
         done = False
         while not done:
             token[:, 4] = states
-            logits = context.step(torch.from_numpy(token).to(device))
+            logits = context.step(torch.from_numpy(token.copy()).to(device))  # the context keeps it: no aliasing
             actions = sample_actions(logits, rng.random(env.n_envs))
             next_states, rewards, done = env.step(actions)
             returns[:, episode] += rewards
@@ -155,7 +155,7 @@ def evaluate(cfg: DictConfig) -> dict:
     model.load_state_dict(ckpt["model_state_dict"])
     model.to(device)
     goals = spec.goals(cfg.split)
-    rollout = run_in_context(model, spec, goals, cfg.n_episodes, cfg.n_envs_per_goal, cfg.seed, cfg.use_cache, device)
+    rollout = run_in_context(model, spec, goals, cfg.n_episodes, cfg.n_envs_per_goal, cfg.eval.seed, cfg.use_cache, device)
     result = summarize(goals, spec, rollout)
     result["checkpoint"], result["global_step"] = str(cfg.checkpoint), int(ckpt.get("global_step", -1))
     run_dir = Path(cfg.output_dir) if cfg.get("output_dir") else Path(cfg.checkpoint).parent

@@ -30,6 +30,7 @@ from env import make_env_spec
 from evaluate import run_in_context, summarize, write_results
 from model import MODELS, build_model, check_sizes
 from utils.io import atomic_torch_save
+from utils.stage1 import freeze_stage1, load_stage1
 from utils.run import (TrainingError, UserConfigError, config_as_markdown, cosine_schedule, exit_on_user_error,
                        make_optimizer, plain_config, prepare_run_dir)
 
@@ -106,6 +107,29 @@ def validate_config(cfg: DictConfig, world: int):
     return spec
 
 
+def attach_pretrained_encoder(model, mcfg, verbose: bool) -> str:
+    """Load the stage-1 checkpoint into CompressedAD and/or freeze its encoder; returns what was done."""
+    path, freeze = mcfg.get("pretrained_encoder_path"), bool(mcfg.get("freeze_encoder", False))
+    if not path and not freeze:
+        return ""
+    if mcfg.model != "CompressedAD":
+        raise UserConfigError(f"pretrained_encoder_path / freeze_encoder apply to CompressedAD only, not to {mcfg.model} "
+                              f"(use model=ad_compressed_dr).")
+    if freeze and not path:
+        raise UserConfigError("freeze_encoder=true needs model.pretrained_encoder_path: freezing a random encoder is not pre-training.")
+    info = load_stage1(model, path)
+    note = (f"Loaded encoder, embed_context and embed_ln ({info['n_params']:,} parameters) from {info['path']} "
+            f"(stage-1 step {info['global_step']}).")
+    if freeze:
+        frozen = freeze_stage1(model)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        note += (f" Frozen: encoder, embed_context, embed_ln ({frozen:,} parameters; the token embedding is shared, so the "
+                 f"decoder's input embedding is fixed too). Trainable parameters: {trainable:,}.")
+    if verbose:
+        print(note)
+    return note
+
+
 def train(cfg: DictConfig) -> dict:
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
     mcfg = cfg.model
@@ -118,6 +142,7 @@ def train(cfg: DictConfig) -> dict:
 
     set_seed(cfg.seed)  # same initial weights on every rank
     model = build_model(mcfg, spec.n_states, spec.n_actions)
+    stage1_note = attach_pretrained_encoder(model, mcfg, accelerator.is_main_process)
     optimizer = make_optimizer(model, mcfg.lr, mcfg.weight_decay, mcfg.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_schedule(s, mcfg.num_warmup_steps, mcfg.train_timesteps, mcfg.min_lr_ratio)
@@ -135,6 +160,8 @@ def train(cfg: DictConfig) -> dict:
     if accelerator.is_main_process:
         writer = SummaryWriter(str(run_dir))
         writer.add_text("config", config_as_markdown(cfg))
+        if stage1_note:
+            writer.add_text("pretrained_encoder", stage1_note)
         print(f"{mcfg.model}: {n_params:,} parameters, {len(train_set):,} training windows, "
               f"{world} process(es), global batch {mcfg.train_batch_size} -> {run_dir}")
 

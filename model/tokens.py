@@ -3,10 +3,17 @@
 Token t holds (s_{t-1}, a_{t-1}, r_{t-1}, s'_{t-1}, s_t) and the model predicts a_t from it and from
 everything before it. Every token is therefore both a transition of the history and a query, so the
 loss can be taken at every position. At a stream's first step there is no previous transition: its
-fields are -1 and embed as zeros. Across an episode boundary s'_{t-1} (where the last episode ended)
-differs from s_t (the start), so both are kept.
+fields are -1 (reward 0). Across an episode boundary s'_{t-1} (where the last episode ended) differs
+from s_t (the start), so both are kept.
+
+States are cell indices of a square grid and are embedded by their normalised (row, col), not as
+one-hot cells: measured on held-out goals (quick preset, 1000 steps), one-hot cells let AD memorise
+the 73 training goal cells (0.15 of optimal on held-out goals vs 0.93 on train goals) while
+coordinates generalise (0.71 at the same step).
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -28,22 +35,33 @@ def build_tokens(states, actions, rewards, next_states) -> np.ndarray:
     return tokens
 
 
+def grid_side(n_states: int) -> int:
+    side = math.isqrt(n_states)
+    if side * side != n_states:
+        raise ValueError(f"token features expect a square grid of cells, got n_states={n_states}.")
+    return side
+
+
 def token_dim(n_states: int, n_actions: int) -> int:
-    return 3 * n_states + n_actions + 1
+    return 3 * 2 + n_actions + 1 + 1
 
 
-def _one_hot_or_zero(index: torch.Tensor, n: int) -> torch.Tensor:
-    # index -1 ("no previous transition") maps to the all-zero vector
-    return F.one_hot(index.long() + 1, n + 1)[..., 1:]
+def _coords(index: torch.Tensor, side: int) -> torch.Tensor:
+    i = index.long().clamp(min=0)
+    return torch.stack([i // side, i % side], dim=-1).float() / max(1, side - 1)
 
 
 def token_features(tokens: torch.Tensor, n_states: int, n_actions: int) -> torch.Tensor:
-    """tokens [..., 5] -> one-hot features [..., token_dim] for `embed_context`."""
-    parts = [
-        _one_hot_or_zero(tokens[..., PREV_STATE], n_states),
-        _one_hot_or_zero(tokens[..., PREV_ACTION], n_actions),
-        tokens[..., PREV_REWARD : PREV_REWARD + 1],
-        _one_hot_or_zero(tokens[..., PREV_NEXT_STATE], n_states),
-        _one_hot_or_zero(tokens[..., STATE], n_states),
-    ]
-    return torch.cat([p.to(torch.float32) for p in parts], dim=-1)
+    """tokens [..., 5] -> features [..., token_dim] for `embed_context`: (row, col) of s, s' and the
+    current state, one-hot previous action, previous reward, and a flag for "has a previous transition"."""
+    side = grid_side(n_states)
+    has_prev = (tokens[..., PREV_ACTION] >= 0).float()
+    prev_action = F.one_hot(tokens[..., PREV_ACTION].long().clamp(min=0), n_actions).float() * has_prev[..., None]
+    return torch.cat([
+        _coords(tokens[..., PREV_STATE], side) * has_prev[..., None],
+        prev_action,
+        tokens[..., PREV_REWARD : PREV_REWARD + 1].float(),
+        _coords(tokens[..., PREV_NEXT_STATE], side) * has_prev[..., None],
+        _coords(tokens[..., STATE], side),
+        has_prev[..., None],
+    ], dim=-1)

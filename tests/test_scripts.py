@@ -1,7 +1,7 @@
 """End-to-end runs of the real scripts at tiny sizes, as a user runs them."""
 import json
 import os
-import shutil
+import subprocess
 import sys
 
 import pytest
@@ -86,3 +86,23 @@ def test_two_cpu_processes_through_accelerate_launch(tiny_data, tmp_path):
     files, _ = events(runs / "ddp")
     assert len(files) == 1
     assert sorted(p.name for p in (runs / "ddp").glob("*.pt")) == ["checkpoint-final.pt", "checkpoint-step3.pt"]
+
+
+def test_two_stage_wrapper_end_to_end(tiny_data, tmp_path):
+    """bash train_two_stage.sh: collect -> stage 1 -> stage 2 with its checkpoint -> evaluation, all tiny."""
+    runs = tmp_path / "runs"
+    tiny = [*tiny_data, f"run_root={runs}", "model.train_timesteps=4", "model.pretrain_steps=4", "model.train_batch_size=4",
+            "model.pretrain_batch_size=4", "model.tf_n_layer=1", "model.encoder_n_layer=1", "model.pretrain_decoder_n_layer=1",
+            "model.pretrain_save_interval=2", "log_interval=2", "eval_interval=0", "++test_loss_batches=1", "++save_interval=2"]
+    proc = subprocess.run(["bash", str(ROOT / "train_two_stage.sh"), "--freeze-encoder", *tiny],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    stage1 = runs / "pretrain-encoder-darkroom-seed0"
+    assert sorted(p.name for p in stage1.glob("*.pt")) == ["encoder-pretrained-final.pt", "encoder-pretrained-step2.pt"]
+    assert "Loaded encoder, embed_context and embed_ln" in proc.stdout and "Frozen" in proc.stdout
+    ckpt = torch.load(runs / "compressed-ad-darkroom-seed0" / "checkpoint-final.pt", weights_only=True)
+    stage1_ckpt = torch.load(stage1 / "encoder-pretrained-final.pt", weights_only=True)
+    for k, v in stage1_ckpt["encoder_state_dict"].items():  # frozen through stage 2
+        assert torch.equal(ckpt["model_state_dict"][f"encoder.{k}"], v)
+    assert (runs / "compressed-ad-darkroom-seed0" / "eval" / "test.json").is_file()
+    assert "fraction of optimal" in proc.stdout

@@ -1,0 +1,326 @@
+"""Stage 1: pre-train CompressedAD's compression encoder and token embedding by autoencoding.
+
+    python pretrain_encoder.py experiment=quick
+    accelerate launch --config_file accelerate_config.yaml pretrain_encoder.py
+
+Samples chains of 1-3 compressions from the learning histories. At every stage the encoder maps
+[previous latents | chunk] to new latents, and a small `ReconstructionDecoder` must recover from
+those latents (a) the encoder's input in latent space, MSE against *detached* targets: the previous
+latents and the embedded chunk tokens, and (b) each chunk token's raw state, previous action and
+previous reward (cross-entropy). (b) cannot be satisfied by a collapsed encoder or collapsed
+embeddings, which would make (a) trivial. Writes `encoder-pretrained-step<N>.pt` and
+`encoder-pretrained-final.pt` with exactly the keys train.py loads (see utils/stage1.py).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from itertools import count
+
+import hydra
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from dataset import load_histories
+from dataset_pretrain import ADCompressedPretrainDataset, collate_pretrain_batch
+from env import make_env_spec
+from model import check_sizes
+from model.ad_compressed import CompressionEncoder
+from model.tokens import PREV_ACTION, PREV_REWARD, STATE, token_dim, token_features
+from model.transformer import Transformer, init_weights
+from utils.io import atomic_torch_save
+from utils.run import (TrainingError, UserConfigError, config_as_markdown, cosine_schedule, exit_on_user_error,
+                       make_optimizer, plain_config, prepare_run_dir)
+from utils.stage1 import stage1_checkpoint
+
+
+class ReconstructionDecoder(nn.Module):
+    """Reads latents; reconstructs the previous latents and the chunk (embeddings and raw fields).
+
+    One bidirectional transformer over [latents | previous-latent slots | chunk slots]; each slot is a
+    learned query, read out by linear heads.
+    """
+
+    def __init__(self, n_latent: int, n_embd: int, n_layer: int, n_head: int, max_chunk_length: int,
+                 n_states: int, n_actions: int):
+        super().__init__()
+        self.n_latent = n_latent
+        self.latent_slots = nn.Parameter(torch.randn(n_latent, n_embd) * 0.02)
+        self.chunk_slots = nn.Embedding(max_chunk_length, n_embd)
+        self.transformer = Transformer(n_embd, n_layer, n_head, dropout=0.0)
+        self.embedding_head = nn.Linear(n_embd, n_embd)
+        self.state_head = nn.Linear(n_embd, n_states)
+        self.action_head = nn.Linear(n_embd, n_actions)
+        self.reward_head = nn.Linear(n_embd, 1)
+        self.apply(init_weights)
+
+    def forward(self, latents: torch.Tensor, chunk_length: int) -> dict:
+        B = latents.shape[0]
+        x = torch.cat([latents, self.latent_slots.expand(B, -1, -1),
+                       self.chunk_slots.weight[:chunk_length].expand(B, -1, -1)], dim=1)
+        y, _ = self.transformer(x)
+        prev, chunk = y[:, self.n_latent : 2 * self.n_latent], y[:, 2 * self.n_latent :]
+        return {
+            "prev_latents": self.embedding_head(prev),
+            "chunk_embeddings": self.embedding_head(chunk),
+            "state_logits": self.state_head(chunk),
+            "action_logits": self.action_head(chunk),
+            "reward_logits": self.reward_head(chunk).squeeze(-1),
+        }
+
+
+class EncoderPretrainModel(nn.Module):
+    """The parts CompressedAD shares (`embed_context`, `embed_ln`, `encoder`, same classes, same
+    config) plus the `ReconstructionDecoder`, which is discarded after pre-training."""
+
+    def __init__(self, n_states: int, n_actions: int, mcfg):
+        super().__init__()
+        self.n_states, self.n_actions = n_states, n_actions
+        self.embed_context = nn.Linear(token_dim(n_states, n_actions), mcfg.tf_n_embd)
+        self.embed_ln = nn.LayerNorm(mcfg.tf_n_embd)
+        self.encoder = CompressionEncoder(mcfg.n_latent, mcfg.tf_n_embd, mcfg.encoder_n_layer, mcfg.encoder_n_head,
+                                          mcfg.tf_dropout, mcfg.max_compress_length)
+        self.decoder = ReconstructionDecoder(mcfg.n_latent, mcfg.tf_n_embd, mcfg.pretrain_decoder_n_layer,
+                                             mcfg.tf_n_head, mcfg.max_compress_length, n_states, n_actions)
+        self.embed_context.apply(init_weights)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed_ln(self.embed_context(token_features(tokens, self.n_states, self.n_actions)))
+
+    def forward(self, batch: dict) -> list[dict]:
+        """Run every stage of every chain; returns per stage the predictions, targets and masks."""
+        chunks, lengths = batch["chunks"], batch["chunk_lengths"]
+        latents = self.encoder.empty_memory(chunks.shape[0])
+        positions = torch.arange(chunks.shape[2], device=chunks.device)
+        stages = []
+        for j in range(chunks.shape[1]):
+            idx = torch.nonzero(lengths[:, j] > 0).squeeze(1)
+            if idx.numel() == 0:
+                break
+            L = int(lengths[idx, j].max())
+            tokens = chunks[idx, j, :L]
+            valid = positions[:L] < lengths[idx, j, None]
+            embedded = self.embed(tokens)
+            prev = latents[idx]
+            new = self.encoder(prev, embedded, valid)
+            stages.append({
+                "depth": j + 1, "pred": self.decoder(new, L), "tokens": tokens, "valid": valid,
+                "target_chunk": embedded.detach(), "target_prev": prev.detach() if j > 0 else None,
+            })
+            latents = latents.index_put((idx,), new) if idx.numel() < chunks.shape[0] else new
+        return stages
+
+
+def stage_losses(stage: dict) -> dict:
+    """MSE in latent space against detached targets, and cross-entropy on the chunk's raw fields."""
+    pred, valid, tokens = stage["pred"], stage["valid"], stage["tokens"]
+    v = valid.float()
+    n = v.sum()
+    out = {"mse_chunk": (((pred["chunk_embeddings"] - stage["target_chunk"]) ** 2).mean(-1) * v).sum() / n}
+    if stage["target_prev"] is not None:
+        out["mse_latents"] = ((pred["prev_latents"] - stage["target_prev"]) ** 2).mean()
+    state_t = tokens[..., STATE].long().masked_fill(~valid, -100)
+    action_t = tokens[..., PREV_ACTION].long().masked_fill(~valid | (tokens[..., PREV_ACTION] < 0), -100)
+    out["ce_state"] = F.cross_entropy(pred["state_logits"].transpose(1, 2), state_t, ignore_index=-100)
+    out["ce_action"] = F.cross_entropy(pred["action_logits"].transpose(1, 2), action_t, ignore_index=-100)
+    out["bce_reward"] = (F.binary_cross_entropy_with_logits(pred["reward_logits"], tokens[..., PREV_REWARD].clamp(0, 1),
+                                                            reduction="none") * v).sum() / n
+    return out
+
+
+def pretrain_loss(stages: list[dict], mse_weight: float, ce_weight: float) -> tuple[torch.Tensor, dict]:
+    logs, total = {}, 0.0
+    for stage in stages:
+        for k, value in stage_losses(stage).items():
+            logs[k] = logs.get(k, 0.0) + value / len(stages)
+    mse = logs["mse_chunk"] + logs.get("mse_latents", 0.0)
+    ce = logs["ce_state"] + logs["ce_action"] + logs["bce_reward"]
+    total = mse_weight * mse + ce_weight * ce
+    return total, {k: float(v.detach()) for k, v in logs.items()}
+
+
+def centred_correlation(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> tuple[float, float, float]:
+    """Pearson correlation with each (slot, dim) centred over samples; returns the sums that make it
+    (cross, pred^2, target^2) so batches can be pooled. Constant predictions give 0."""
+    v = valid[..., None].float()
+    n = v.sum(0).clamp(min=1)
+    pc = (pred - (pred * v).sum(0) / n) * v
+    tc = (target - (target * v).sum(0) / n) * v
+    return float((pc * tc).sum()), float((pc**2).sum()), float((tc**2).sum())
+
+
+@torch.no_grad()
+def validate(model: EncoderPretrainModel, batches: list[dict]) -> dict:
+    """Held-out metrics: reconstruction correlation, and how much raw history is recoverable per depth.
+
+    Recoverability at depth d: from a chain's final latents, reconstruct the previous latents d-1
+    times with the decoder, then decode the chunk compressed d stages ago; report its state and
+    action accuracy (chance: ~1/81 and ~0.2-0.5 for a constant guess).
+    """
+    was_training = model.training
+    model.eval()
+    sums = {"latents": np.zeros(3), "chunks": np.zeros(3)}
+    hits = {}
+    for batch in batches:
+        for stage in model(batch):
+            parts = [("chunks", stage["pred"]["chunk_embeddings"], stage["target_chunk"], stage["valid"])]
+            if stage["target_prev"] is not None:
+                prev_valid = torch.ones(stage["target_prev"].shape[:2], dtype=torch.bool, device=stage["valid"].device)
+                parts.append(("latents", stage["pred"]["prev_latents"], stage["target_prev"], prev_valid))
+            for name, p, t, v in parts:
+                sums[name] += centred_correlation(p, t, v)
+        # recoverability: deepest chains only, walked back from their final latents
+        deep = torch.nonzero(batch["depth"] == batch["chunk_lengths"].shape[1]).squeeze(1)
+        D = batch["chunk_lengths"].shape[1]
+        if deep.numel() == 0:
+            continue
+        chunks, lengths = batch["chunks"][deep], batch["chunk_lengths"][deep]
+        latents = model.encoder.empty_memory(len(deep))
+        for j in range(D):
+            L = int(lengths[:, j].max())
+            valid = torch.arange(L, device=chunks.device) < lengths[:, j, None]
+            latents = model.encoder(latents, model.embed(chunks[:, j, :L]), valid)
+        for age in range(1, D + 1):
+            j = D - age
+            L = int(lengths[:, j].max())
+            valid = torch.arange(L, device=chunks.device) < lengths[:, j, None]
+            pred = model.decoder(latents, L)
+            tokens = chunks[:, j, :L]
+            for field, logits_key, col in (("state", "state_logits", STATE), ("action", "action_logits", PREV_ACTION)):
+                target = tokens[..., col].long()
+                ok = valid & (target >= 0)
+                correct = (pred[logits_key].argmax(-1) == target)[ok]
+                h = hits.setdefault(f"{field}_acc_depth{age}", [0, 0])
+                h[0] += int(correct.sum())
+                h[1] += int(correct.numel())
+            latents = pred["prev_latents"]
+    model.train(was_training)
+    out = {}
+    for name, (cross, pp, tt) in sums.items():
+        out[f"correlation_{name}"] = cross / max(np.sqrt(pp * tt), 1e-12)
+    total = sums["latents"] + sums["chunks"]
+    out["correlation"] = total[0] / max(np.sqrt(total[1] * total[2]), 1e-12)
+    out.update({k: h[0] / max(1, h[1]) for k, h in hits.items()})
+    return out
+
+
+def save_stage1(path, accelerator, model, step: int, cfg: DictConfig) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_torch_save(stage1_checkpoint(accelerator.unwrap_model(model), step, plain_config(cfg)), path)
+    accelerator.wait_for_everyone()
+
+
+def pretrain_encoder(cfg: DictConfig) -> dict:
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+    mcfg, world = cfg.model, accelerator.num_processes
+    try:
+        spec = make_env_spec(cfg.env)
+        check_sizes(mcfg)
+    except ValueError as e:
+        raise UserConfigError(str(e)) from None
+    if mcfg.pretrain_batch_size < world or mcfg.pretrain_batch_size % world:
+        raise UserConfigError(f"model.pretrain_batch_size={mcfg.pretrain_batch_size} must be a positive multiple of the "
+                              f"number of processes ({world}).")
+    histories = load_histories(cfg, "train")
+    make = lambda split, seed: ADCompressedPretrainDataset(histories, mcfg, split, mcfg.pretrain_val_streams,
+                                                           mcfg.pretrain_depth_weights, seed=seed)
+    train_set, val_set = make("train", cfg.seed), make("val", cfg.seed + 1)
+    run_dir = prepare_run_dir(cfg, accelerator)
+
+    set_seed(cfg.seed)
+    model = EncoderPretrainModel(spec.n_states, spec.n_actions, mcfg)
+    optimizer = make_optimizer(model, mcfg.pretrain_lr, mcfg.weight_decay, mcfg.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_schedule(s, mcfg.pretrain_warmup_steps, mcfg.pretrain_steps, mcfg.min_lr_ratio))
+    loader = DataLoader(train_set, batch_size=mcfg.pretrain_batch_size // world, shuffle=True, drop_last=True,
+                        collate_fn=collate_pretrain_batch, generator=torch.Generator().manual_seed(cfg.seed))
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    set_seed(cfg.seed, device_specific=True)
+    rng = np.random.default_rng(0)
+    val_batches = [
+        {k: (v.to(accelerator.device) if torch.is_tensor(v) else v)
+         for k, v in collate_pretrain_batch(val_set.__getitems__(rng.integers(0, len(val_set), mcfg.pretrain_batch_size))).items()}
+        for _ in range(cfg.val_batches)
+    ]
+
+    writer = None
+    if accelerator.is_main_process:
+        writer = SummaryWriter(str(run_dir))
+        writer.add_text("config", config_as_markdown(cfg))
+        n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
+        print(f"EncoderPretrainModel: {n_params:,} parameters, {len(train_set):,} training chains, "
+              f"{world} process(es) -> {run_dir}")
+
+    step, metrics, t_start = 0, {}, time.perf_counter()
+    logs_sum, n_logged = {}, 0
+    bar = tqdm(total=mcfg.pretrain_steps, disable=not accelerator.is_local_main_process, desc="pretrain",
+               mininterval=0.5 if sys.stderr.isatty() else 30)
+    for epoch in count():
+        loader.set_epoch(epoch)
+        for batch in loader:
+            loss, logs = pretrain_loss(model(batch), mcfg.pretrain_mse_weight, mcfg.pretrain_ce_weight)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"Pre-training loss is {loss.item()} at step {step}: stopped. Earlier checkpoints in "
+                                    f"{run_dir} are intact; lower model.pretrain_lr.")
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), mcfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            logs["loss"] = loss.detach()
+            for k, v in logs.items():
+                logs_sum[k] = logs_sum.get(k, 0.0) + float(v)
+            n_logged += 1
+            final = step == mcfg.pretrain_steps
+            if step % cfg.log_interval == 0 or final:
+                means = {k: accelerator.reduce(torch.tensor(v / n_logged, device=accelerator.device), "mean").item()
+                         for k, v in sorted(logs_sum.items())}
+                if writer is not None:
+                    writer.add_scalar("pretrain/loss", means.pop("loss"), step)
+                    for k, v in means.items():
+                        writer.add_scalar(f"pretrain/{k}", v, step)
+                    writer.add_scalar("pretrain/lr", scheduler.get_last_lr()[0], step)
+                logs_sum, n_logged = {}, 0
+            if cfg.eval_interval and step % cfg.eval_interval == 0 or final:
+                if accelerator.is_main_process:
+                    metrics = validate(accelerator.unwrap_model(model), val_batches)
+                    for k, v in metrics.items():
+                        writer.add_scalar(f"pretrain/{k}", v, step)
+                    tqdm.write(f"step {step}: held-out correlation {metrics['correlation']:.3f} (latents "
+                               f"{metrics['correlation_latents']:.3f}, chunks {metrics['correlation_chunks']:.3f}); action "
+                               f"accuracy by depth " + " / ".join(f"{metrics.get(f'action_acc_depth{d}', float('nan')):.2f}"
+                                                                  for d in range(1, mcfg.max_compression_depth + 1)))
+                accelerator.wait_for_everyone()
+            if step % mcfg.pretrain_save_interval == 0 or final:
+                name = "encoder-pretrained-final.pt" if final else f"encoder-pretrained-step{step}.pt"
+                save_stage1(run_dir / name, accelerator, model, step, cfg)
+            if final:
+                break
+        if step >= mcfg.pretrain_steps:
+            break
+    bar.close()
+    if writer is not None:
+        writer.close()
+        print(f"Done in {time.perf_counter() - t_start:.0f} s. Encoder checkpoint: {run_dir / 'encoder-pretrained-final.pt'}")
+    accelerator.end_training()
+    return metrics
+
+
+@hydra.main(version_base=None, config_path="config", config_name="pretrain_encoder")
+def main(cfg: DictConfig) -> None:
+    exit_on_user_error(pretrain_encoder, cfg)
+
+
+if __name__ == "__main__":
+    main()
