@@ -291,6 +291,7 @@ def pretrain_encoder(cfg: DictConfig) -> dict:
                     for k, v in means.items():
                         writer.add_scalar(f"pretrain/{k}", v, step)
                     writer.add_scalar("pretrain/lr", scheduler.get_last_lr()[0], step)
+                    writer.add_scalar("pretrain/seconds", time.perf_counter() - t_start, step)
                 logs_sum, n_logged = {}, 0
             if cfg.eval_interval and step % cfg.eval_interval == 0 or final:
                 if accelerator.is_main_process:

@@ -165,26 +165,26 @@ def train(cfg: DictConfig) -> dict:
         print(f"{mcfg.model}: {n_params:,} parameters, {len(train_set):,} training windows, "
               f"{world} process(es), global batch {mcfg.train_batch_size} -> {run_dir}")
 
-    def evaluate_now(step: int) -> dict:
+    def evaluate_now(step: int, final: bool) -> dict:
+        """In-context evaluation on held-out goals; the final one is the full evaluation (eval/<split>.json)."""
         raw = accelerator.unwrap_model(model)
         goals = spec.goals(cfg.eval.split)
-        rollout = run_in_context(raw, spec, goals, cfg.eval.n_episodes, cfg.eval.n_envs_per_goal, cfg.eval.seed,
-                                 cfg.eval.use_cache, accelerator.device)
+        n_envs = cfg.eval.n_envs_per_goal if final else cfg.eval_envs_per_goal_during_training
+        rollout = run_in_context(raw, spec, goals, cfg.eval.n_episodes, n_envs, cfg.eval.seed, cfg.eval.use_cache,
+                                 accelerator.device)
         result = summarize(goals, spec, rollout)
         result["global_step"] = step
-        write_results(result, run_dir, cfg.eval.split, source_curve)
+        if final:
+            write_results(result, run_dir, cfg.eval.split, source_curve)
         test = held_out_loss(raw, test_set, collate_fn_for(mcfg), cfg.test_loss_batches, mcfg.train_batch_size, accelerator.device)
-        last10 = np.asarray(result["mean_return_per_episode"][-10:]).mean()
-        writer.add_scalar("eval/mean_reward", last10, step)
-        writer.add_scalar("eval/fraction_of_optimal_last10", result["fraction_of_optimal_last10"], step)
-        writer.add_scalar("eval/fraction_of_optimal_first10", result["fraction_of_optimal_first10"], step)
-        for k, v in test.items():
-            writer.add_scalar(f"test/{k}", v, step)
-        for k in ("n_compressions_mean", "peak_decoder_length"):
+        writer.add_scalar("eval/mean_reward", np.mean(result["mean_return_per_episode"][-10:]), step)
+        for k in ("fraction_of_optimal_last10", "fraction_of_optimal_first10", "n_compressions", "peak_decoder_length"):
             if k in result:
                 writer.add_scalar(f"eval/{k}", result[k], step)
+        for k, v in test.items():
+            writer.add_scalar(f"test/{k}", v, step)
         tqdm.write(f"step {step}: held-out fraction of optimal first10 {result['fraction_of_optimal_first10']:.3f} "
-                   f"-> last10 {result['fraction_of_optimal_last10']:.3f}, test loss {test['loss_action']:.3f}")
+                   f"-> last10 {result['fraction_of_optimal_last10']:.3f} ({n_envs} envs/goal), test loss {test['loss_action']:.3f}")
         return result
 
     model.train()
@@ -233,7 +233,7 @@ def train(cfg: DictConfig) -> dict:
             final = step == mcfg.train_timesteps
             if cfg.eval_interval and step % cfg.eval_interval == 0 or final:
                 if accelerator.is_main_process:
-                    result = evaluate_now(step)
+                    result = evaluate_now(step, final)
                 accelerator.wait_for_everyone()
             if step % cfg.save_interval == 0 or final:
                 save_checkpoint(run_dir / ("checkpoint-final.pt" if final else f"checkpoint-step{step}.pt"),

@@ -1,0 +1,89 @@
+"""In-context rollout cost per env step against history length, in one run.
+
+    python bench/rollout.py [--envs 64] [--lengths 100 1000 10000]
+
+Compares AD with the full history in context (KV-cached; its context grows with the history), AD
+with a window (KV-cached, n_transit=100), and CompressedAD (quick sizes; compressions included).
+Time is the mean over a block of steps ending at each history length; memory is the bytes of the
+context the rollout keeps (tokens, latents and KV cache), which is what grows with history.
+Untrained weights: the cost does not depend on them.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from model import build_model  # noqa: E402
+
+
+def model_cfg(model: str, *extra: str):
+    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
+        return compose("train", ["experiment=quick", f"model={model}", *extra]).model
+
+
+def context_bytes(rollout) -> int:
+    total = 0
+    for name in ("tokens", "latents"):
+        t = getattr(rollout, name, None)
+        if t is not None:
+            total += t.numel() * t.element_size()
+    for k, v in rollout.cache or []:
+        total += (k.numel() + v.numel()) * k.element_size()
+    return total
+
+
+@torch.no_grad()
+def profile(model, n_envs: int, lengths: list[int], block: int) -> dict:
+    """Step one rollout up to max(lengths); time the `block` steps ending at each length."""
+    model.eval()
+    rollout = model.rollout(n_envs, use_cache=True)
+    g = torch.Generator().manual_seed(0)
+    out, t_block = {}, 0.0
+    for t in range(1, max(lengths) + 1):
+        token = torch.stack([torch.randint(0, 81, (n_envs,), generator=g), torch.randint(0, 5, (n_envs,), generator=g),
+                             torch.randint(0, 2, (n_envs,), generator=g), torch.randint(0, 81, (n_envs,), generator=g),
+                             torch.randint(0, 81, (n_envs,), generator=g)], -1).float()
+        timed = any(L - block < t <= L for L in lengths)
+        t0 = time.perf_counter() if timed else 0.0
+        rollout.step(token)
+        if timed:
+            t_block += time.perf_counter() - t0
+        if t in lengths:
+            out[t] = (1000 * t_block / block, context_bytes(rollout) / 2**20)
+            t_block = 0.0
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--envs", type=int, default=64)
+    p.add_argument("--lengths", type=int, nargs="+", default=[100, 1000, 10000])
+    p.add_argument("--block", type=int, default=100)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    L = max(args.lengths)
+    models = {
+        "AD, full history": build_model(model_cfg("ad_dr", f"model.n_transit={L + 1}"), 81, 5),
+        "AD, window 100": build_model(model_cfg("ad_dr"), 81, 5),
+        "CompressedAD": build_model(model_cfg("ad_compressed_dr"), 81, 5),
+    }
+    results = {name: profile(m, args.envs, args.lengths, args.block) for name, m in models.items()}
+    print(f"{args.envs} envs, {torch.get_num_threads()} threads; ms per env step (all envs) / context MiB")
+    print(f"{'history':>10} | " + " | ".join(f"{name:>22}" for name in results))
+    for n in args.lengths:
+        print(f"{n:>10} | " + " | ".join(f"{r[n][0]:9.2f} ms {r[n][1]:7.2f} MiB" for r in results.values()))
+    for name, r in results.items():
+        print(f"{name}: cost at {args.lengths[-1]} / cost at {args.lengths[0]} = {r[args.lengths[-1]][0] / r[args.lengths[0]][0]:.2f}x, "
+              f"memory {r[args.lengths[-1]][1] / r[args.lengths[0]][1]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Helpers for the comparison scripts: run a stage as a subprocess, read back its curves and results."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *overrides: str) -> float:
+    """Run `python <script> overrides...` from the repo root; returns its wall time. Stops on failure."""
+    cmd = [sys.executable, str(ROOT / script), *overrides]
+    print("+ " + " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    code = subprocess.call(cmd, cwd=ROOT)
+    if code != 0:
+        sys.exit(f"{script} failed with exit code {code}")
+    return time.perf_counter() - t0
+
+
+def scalars(run_dir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of one TensorBoard scalar tag in a run dir."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps, values = [], []
+    for f in sorted(Path(run_dir).glob("events.out.tfevents*")):
+        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            for e in acc.Scalars(tag):
+                steps.append(e.step)
+                values.append(e.value)
+    return np.asarray(steps), np.asarray(values)
+
+
+def first_step_below(run_dir: Path, tag: str, threshold: float) -> int | None:
+    steps, values = scalars(run_dir, tag)
+    hits = np.nonzero(values <= threshold)[0]
+    return int(steps[hits[0]]) if len(hits) else None
+
+
+def eval_result(run_dir: Path, split: str = "test") -> dict:
+    return json.loads((Path(run_dir) / "eval" / f"{split}.json").read_text())
+
+
+def mean_pm(values) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3g}"
+    return f"{np.mean(values):.3g} ± {np.std(values, ddof=1):.2g}"
