@@ -36,9 +36,9 @@ from model import check_sizes
 from model.ad_compressed import CompressionEncoder
 from model.tokens import PREV_ACTION, PREV_REWARD, STATE, token_dim, token_features
 from model.transformer import Transformer, init_weights
-from utils.io import atomic_torch_save
-from utils.run import (TrainingError, UserConfigError, config_as_markdown, cosine_schedule, exit_on_user_error,
-                       make_optimizer, plain_config, prepare_run_dir)
+from utils.io import atomic_torch_save, load_checkpoint
+from utils.run import (RunDirError, TrainingError, UserConfigError, config_as_markdown, cosine_schedule, exit_on_user_error,
+                       make_optimizer, newest_checkpoint, plain_config, prepare_run_dir, restore_rng_states, rng_states)
 from utils.stage1 import stage1_checkpoint
 
 
@@ -212,10 +212,19 @@ def validate(model: EncoderPretrainModel, batches: list[dict]) -> dict:
     return out
 
 
-def save_stage1(path, accelerator, model, step: int, cfg: DictConfig) -> None:
+def save_stage1(run_dir, name: str, accelerator, model, optimizer, scheduler, step: int, cfg: DictConfig) -> None:
+    """The stage-1 checkpoint (exactly the keys train.py loads) and, beside it, the full training
+    state that `resume=true` needs (reconstruction decoder, optimizer, scheduler, RNG)."""
+    states = rng_states(accelerator)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        atomic_torch_save(stage1_checkpoint(accelerator.unwrap_model(model), step, plain_config(cfg)), path)
+        raw = accelerator.unwrap_model(model)
+        atomic_torch_save({
+            "model_state_dict": raw.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
+            "scheduler_state_dict": scheduler.state_dict(), "rng_states": states, "global_step": step,
+            "config": plain_config(cfg),
+        }, run_dir / f"training-state-{name}.pt")
+        atomic_torch_save(stage1_checkpoint(raw, step, plain_config(cfg)), run_dir / f"encoder-pretrained-{name}.pt")
     accelerator.wait_for_everyone()
 
 
@@ -241,10 +250,23 @@ def pretrain_encoder(cfg: DictConfig) -> dict:
     optimizer = make_optimizer(model, mcfg.pretrain_lr, mcfg.weight_decay, mcfg.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_schedule(s, mcfg.pretrain_warmup_steps, mcfg.pretrain_steps, mcfg.min_lr_ratio))
+    generator = torch.Generator()  # reseeded every epoch: the data order is a function of (seed, epoch)
     loader = DataLoader(train_set, batch_size=mcfg.pretrain_batch_size // world, shuffle=True, drop_last=True,
-                        collate_fn=collate_pretrain_batch, generator=torch.Generator().manual_seed(cfg.seed))
+                        collate_fn=collate_pretrain_batch, generator=generator)
+    step, resumed = 0, None
+    if cfg.resume:
+        path = newest_checkpoint(run_dir, "training-state")
+        if path is None:
+            raise RunDirError(f"resume=true but '{run_dir}' holds no training state yet. Start afresh with overwrite=true.")
+        resumed = load_checkpoint(path, "pre-training state to resume", required_keys=("model_state_dict", "global_step"))
+        model.load_state_dict(resumed["model_state_dict"])
+        optimizer.load_state_dict(resumed["optimizer_state_dict"])
+        scheduler.load_state_dict(resumed["scheduler_state_dict"])
+        step = int(resumed["global_step"])
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     set_seed(cfg.seed, device_specific=True)
+    if resumed:
+        restore_rng_states(accelerator, resumed.get("rng_states", []))
     rng = np.random.default_rng(0)
     val_batches = [
         {k: (v.to(accelerator.device) if torch.is_tensor(v) else v)
@@ -254,19 +276,26 @@ def pretrain_encoder(cfg: DictConfig) -> dict:
 
     writer = None
     if accelerator.is_main_process:
-        writer = SummaryWriter(str(run_dir))
+        writer = SummaryWriter(str(run_dir), purge_step=step + 1 if resumed else None)
         writer.add_text("config", config_as_markdown(cfg))
+        if resumed:
+            print(f"Resuming from {path} at step {step}.")
         n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
         print(f"EncoderPretrainModel: {n_params:,} parameters, {len(train_set):,} training chains, "
               f"{world} process(es) -> {run_dir}")
 
-    step, metrics, t_start = 0, {}, time.perf_counter()
+    metrics, t_start = {}, time.perf_counter()
     logs_sum, n_logged = {}, 0
-    bar = tqdm(total=mcfg.pretrain_steps, disable=not accelerator.is_local_main_process, desc="pretrain",
+    bar = tqdm(total=mcfg.pretrain_steps, initial=step, disable=not accelerator.is_local_main_process, desc="pretrain",
                mininterval=0.5 if sys.stderr.isatty() else 30)
-    for epoch in count():
+    batches_per_epoch = len(loader)
+    for epoch in count(step // batches_per_epoch):
+        if step >= mcfg.pretrain_steps:
+            break
+        generator.manual_seed(cfg.seed * 1_000_003 + epoch)
         loader.set_epoch(epoch)
-        for batch in loader:
+        done_in_epoch = step - epoch * batches_per_epoch
+        for batch in accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader:
             loss, logs = pretrain_loss(model(batch), mcfg.pretrain_mse_weight, mcfg.pretrain_ce_weight)
             if not torch.isfinite(loss):
                 raise TrainingError(f"Pre-training loss is {loss.item()} at step {step}: stopped. Earlier checkpoints in "
@@ -304,12 +333,9 @@ def pretrain_encoder(cfg: DictConfig) -> dict:
                                                                   for d in range(1, mcfg.max_compression_depth + 1)))
                 accelerator.wait_for_everyone()
             if step % mcfg.pretrain_save_interval == 0 or final:
-                name = "encoder-pretrained-final.pt" if final else f"encoder-pretrained-step{step}.pt"
-                save_stage1(run_dir / name, accelerator, model, step, cfg)
+                save_stage1(run_dir, "final" if final else f"step{step}", accelerator, model, optimizer, scheduler, step, cfg)
             if final:
                 break
-        if step >= mcfg.pretrain_steps:
-            break
     bar.close()
     if writer is not None:
         writer.close()

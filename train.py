@@ -29,10 +29,10 @@ from dataset import build_dataset, collate_fn_for, load_histories, load_metadata
 from env import make_env_spec
 from evaluate import run_in_context, summarize, write_results
 from model import MODELS, build_model, check_sizes
-from utils.io import atomic_torch_save
+from utils.io import atomic_torch_save, load_checkpoint
 from utils.stage1 import freeze_stage1, load_stage1
-from utils.run import (TrainingError, UserConfigError, config_as_markdown, cosine_schedule, exit_on_user_error,
-                       make_optimizer, plain_config, prepare_run_dir)
+from utils.run import (RunDirError, TrainingError, UserConfigError, config_as_markdown, cosine_schedule, exit_on_user_error,
+                       make_optimizer, newest_checkpoint, plain_config, prepare_run_dir, restore_rng_states, rng_states)
 
 
 def action_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -72,19 +72,40 @@ def held_out_loss(model, dataset, collate, n_batches: int, batch_size: int, devi
     return sums
 
 
-def save_checkpoint(path: Path, accelerator, model, optimizer, step: int, cfg: DictConfig) -> None:
+def save_checkpoint(path: Path, accelerator, model, optimizer, scheduler, step: int, cfg: DictConfig) -> None:
+    """Everything a resume needs: weights, optimizer, scheduler, step, config (plain) and every rank's RNG.
+    Data order needs no state: it is a function of (seed, epoch) and the step."""
+    states = rng_states(accelerator)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_torch_save(
             {
                 "model_state_dict": accelerator.unwrap_model(model).state_dict(),
                 "optimizer_state_dict": optimizer.state_dict(),
+                "scheduler_state_dict": scheduler.state_dict(),
+                "rng_states": states,
                 "global_step": step,
                 "config": plain_config(cfg),
             },
             path,
         )
     accelerator.wait_for_everyone()
+
+
+def resume_state(run_dir: Path, cfg: DictConfig) -> dict:
+    """The newest checkpoint of this run, checked against the current config."""
+    path = newest_checkpoint(run_dir, "checkpoint")
+    if path is None:
+        raise RunDirError(f"resume=true but '{run_dir}' holds no checkpoint yet. Start afresh with overwrite=true.")
+    ckpt = load_checkpoint(path, "checkpoint to resume", required_keys=("model_state_dict", "optimizer_state_dict",
+                                                                          "scheduler_state_dict", "global_step", "config"))
+    now, then = plain_config(cfg.model), ckpt["config"]["model"]
+    differ = {k: (then.get(k), v) for k, v in now.items() if then.get(k) != v}
+    if differ:
+        raise UserConfigError(f"resume=true with a model config that differs from the run's ({path}): (then, now) = {differ}. "
+                              f"Resume with the run's own overrides (see {run_dir / 'config.yaml'}).")
+    ckpt["path"] = path
+    return ckpt
 
 
 def validate_config(cfg: DictConfig, world: int):
@@ -138,27 +159,39 @@ def train(cfg: DictConfig) -> dict:
     train_set = build_dataset(mcfg, load_histories(cfg, "train"), seed=cfg.seed)
     test_set = build_dataset(mcfg, load_histories(cfg, "test"), seed=cfg.seed + 1)
     source_curve = load_metadata(cfg)["learning_curve"][cfg.eval.split]
-    run_dir = prepare_run_dir(cfg, accelerator)
 
     set_seed(cfg.seed)  # same initial weights on every rank
     model = build_model(mcfg, spec.n_states, spec.n_actions)
     stage1_note = attach_pretrained_encoder(model, mcfg, accelerator.is_main_process)
+    run_dir = prepare_run_dir(cfg, accelerator)  # only now that every input has been checked
     optimizer = make_optimizer(model, mcfg.lr, mcfg.weight_decay, mcfg.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_schedule(s, mcfg.num_warmup_steps, mcfg.train_timesteps, mcfg.min_lr_ratio)
     )
+    generator = torch.Generator()  # reseeded every epoch: the data order is a function of (seed, epoch)
     loader = DataLoader(
         train_set, batch_size=mcfg.train_batch_size // world, shuffle=True, drop_last=True,
-        collate_fn=collate_fn_for(mcfg), generator=torch.Generator().manual_seed(cfg.seed),
+        collate_fn=collate_fn_for(mcfg), generator=generator,
     )
+    step = 0
+    resumed = resume_state(run_dir, cfg) if cfg.resume else None
+    if resumed:
+        model.load_state_dict(resumed["model_state_dict"])
+        optimizer.load_state_dict(resumed["optimizer_state_dict"])
+        scheduler.load_state_dict(resumed["scheduler_state_dict"])
+        step = int(resumed["global_step"])
     # the scheduler is stepped by hand, once per optimizer step, whatever the number of processes
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     set_seed(cfg.seed, device_specific=True)  # different dropout draws per rank
+    if resumed:
+        restore_rng_states(accelerator, resumed.get("rng_states", []))
 
     n_params = sum(p.numel() for p in model.parameters())
     writer = None
     if accelerator.is_main_process:
-        writer = SummaryWriter(str(run_dir))
+        writer = SummaryWriter(str(run_dir), purge_step=step + 1 if resumed else None)  # drops points logged after the checkpoint
+        if resumed:
+            print(f"Resuming from {resumed['path']} at step {step}.")
         writer.add_text("config", config_as_markdown(cfg))
         if stage1_note:
             writer.add_text("pretrained_encoder", stage1_note)
@@ -188,13 +221,18 @@ def train(cfg: DictConfig) -> dict:
         return result
 
     model.train()
-    step, result, t_start = 0, {}, time.perf_counter()
+    result, t_start, start_step = {}, time.perf_counter(), step
     logs_sum, n_logged = {}, 0
-    bar = tqdm(total=mcfg.train_timesteps, disable=not accelerator.is_local_main_process, desc="train",
+    bar = tqdm(total=mcfg.train_timesteps, initial=step, disable=not accelerator.is_local_main_process, desc="train",
                mininterval=0.5 if sys.stderr.isatty() else 30)
-    for epoch in count():
+    batches_per_epoch = len(loader)
+    for epoch in count(step // batches_per_epoch):
+        if step >= mcfg.train_timesteps:
+            break
+        generator.manual_seed(cfg.seed * 1_000_003 + epoch)
         loader.set_epoch(epoch)
-        for batch in loader:
+        done_in_epoch = step - epoch * batches_per_epoch
+        for batch in accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader:
             if cfg.log_first_batch and step == 0:
                 print(f"BATCH {json.dumps({'rank': accelerator.process_index, 'index': batch['index'].tolist()})}", flush=True)
             loss, logs = action_loss(model, batch)
@@ -219,7 +257,7 @@ def train(cfg: DictConfig) -> dict:
                         writer.add_scalar(f"train/{k}", v, step)
                     writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
                     writer.add_scalar("train/grad_norm", float(grad_norm), step)
-                    writer.add_scalar("train/seconds_per_step", (time.perf_counter() - t_start) / step, step)
+                    writer.add_scalar("train/seconds_per_step", (time.perf_counter() - t_start) / (step - start_step), step)
                 if "depth_count" in logs_sum:  # CompressedAD: loss per compression depth and the depth mix
                     loss_sum, counts = (accelerator.reduce(logs_sum[k], reduction="sum") for k in ("depth_loss_sum", "depth_count"))
                     if writer is not None:
@@ -237,11 +275,9 @@ def train(cfg: DictConfig) -> dict:
                 accelerator.wait_for_everyone()
             if step % cfg.save_interval == 0 or final:
                 save_checkpoint(run_dir / ("checkpoint-final.pt" if final else f"checkpoint-step{step}.pt"),
-                                accelerator, model, optimizer, step, cfg)
+                                accelerator, model, optimizer, scheduler, step, cfg)
             if final:
                 break
-        if step >= mcfg.train_timesteps:
-            break
     bar.close()
     if writer is not None:
         writer.close()

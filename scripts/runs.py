@@ -27,15 +27,13 @@ def scalars(run_dir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps, values) of one TensorBoard scalar tag in a run dir."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    steps, values = [], []
-    for f in sorted(Path(run_dir).glob("events.out.tfevents*")):
-        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            for e in acc.Scalars(tag):
-                steps.append(e.step)
-                values.append(e.value)
-    return np.asarray(steps), np.asarray(values)
+    # the whole directory in order, so that points purged by a resume (purge_step) are dropped
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    if tag not in acc.Tags()["scalars"]:
+        return np.zeros(0, np.int64), np.zeros(0)
+    events = acc.Scalars(tag)
+    return np.asarray([e.step for e in events]), np.asarray([e.value for e in events])
 
 
 def first_step_below(run_dir: Path, tag: str, threshold: float) -> int | None:

@@ -93,7 +93,8 @@ def test_two_stage_wrapper_end_to_end(tiny_data, tmp_path):
     runs = tmp_path / "runs"
     tiny = [*tiny_data, f"run_root={runs}", "model.train_timesteps=4", "model.pretrain_steps=4", "model.train_batch_size=4",
             "model.pretrain_batch_size=4", "model.tf_n_layer=1", "model.encoder_n_layer=1", "model.pretrain_decoder_n_layer=1",
-            "model.pretrain_save_interval=2", "log_interval=2", "eval_interval=0", "++test_loss_batches=1", "++save_interval=2"]
+            "model.pretrain_save_interval=2", "model.pretrain_val_streams=1", "log_interval=2", "eval_interval=0",
+            "++test_loss_batches=1", "++save_interval=2"]
     proc = subprocess.run(["bash", str(ROOT / "train_two_stage.sh"), "--freeze-encoder", *tiny],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -9,7 +9,6 @@ import json
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
@@ -59,9 +58,9 @@ def load_checkpoint(path, what: str = "checkpoint", required_keys=()) -> dict:
             f"{what} '{path}' was refused by torch.load(weights_only=True): it holds objects other than tensors and "
             f"plain containers ({str(e).splitlines()[0]}). Only load checkpoints this repo wrote."
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+    except Exception as e:  # torch raises many types for a truncated or foreign file
         raise CheckpointError(
-            f"{what} '{path}' is not a readable PyTorch checkpoint (truncated or another file type?): {str(e).splitlines()[0]}"
+            f"{what} '{path}' is not a readable PyTorch checkpoint (truncated or another file type?): {(str(e).splitlines() or [type(e).__name__])[0]}"
         ) from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in required_keys):
         found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__

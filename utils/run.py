@@ -69,6 +69,40 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None)
 
 
+def newest_checkpoint(run_dir: Path, prefix: str) -> Path | None:
+    """<prefix>-final.pt, else the <prefix>-step<N>.pt with the largest N (temporary files are hidden, never listed)."""
+    if (run_dir / f"{prefix}-final.pt").is_file():
+        return run_dir / f"{prefix}-final.pt"
+    steps = sorted((int(p.stem.removeprefix(f"{prefix}-step")), p) for p in run_dir.glob(f"{prefix}-step*.pt")
+                   if p.stem.removeprefix(f"{prefix}-step").isdigit())
+    return steps[-1][1] if steps else None
+
+
+def rng_states(accelerator) -> list:
+    """Every rank's torch RNG state (dropout draws), gathered to all ranks."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    if accelerator.num_processes == 1:
+        return [state]
+    from accelerate.utils import gather_object
+
+    return gather_object([state])
+
+
+def restore_rng_states(accelerator, states: list) -> None:
+    """Put every rank's RNG back; with another number of processes an exact resume is impossible: say so."""
+    if len(states) != accelerator.num_processes:
+        if accelerator.is_main_process:
+            print(f"Resuming with {accelerator.num_processes} processes from a run with {len(states)}: "
+                  "dropout draws will differ from an uninterrupted run.")
+        return
+    state = states[accelerator.process_index]
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
 def config_as_markdown(cfg: DictConfig) -> str:
     return "```yaml\n" + OmegaConf.to_yaml(cfg, resolve=True) + "```"
 

@@ -1,0 +1,156 @@
+"""Faults and bad input: resume after SIGKILL, atomic writes, malicious checkpoints, clear errors."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from scripts.runs import scalars
+from tests.conftest import ROOT, TINY_TRAIN, run_script
+from utils.io import CheckpointError, atomic_torch_save, load_checkpoint
+
+RESUMABLE = ["model.train_timesteps=40", "save_interval=10", "log_interval=5", "model.tf_dropout=0.1"]
+
+
+def train_args(tiny_data, runs, name, model="ad_dr"):
+    return [*tiny_data, f"run_root={runs}", *TINY_TRAIN[model], *RESUMABLE, f"run_name={name}"]
+
+
+def kill_after(args, marker, timeout=240):
+    """Start train.py, SIGKILL it as soon as `marker` exists; returns True if it was killed mid-run."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not marker.exists() and proc.poll() is None and time.time() - t0 < timeout:
+        time.sleep(0.02)
+    killed = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return killed
+
+
+@pytest.mark.parametrize("model", ["ad_dr", "ad_compressed_dr"])
+def test_sigkill_then_resume_equals_uninterrupted(tiny_data, tmp_path, model):
+    runs = tmp_path / "runs"
+    run_script("train.py", *train_args(tiny_data, runs, "straight", model))
+    assert kill_after(train_args(tiny_data, runs, "killed", model), runs / "killed" / "checkpoint-step20.pt")
+    assert not (runs / "killed" / "checkpoint-final.pt").exists()
+    out = run_script("train.py", *train_args(tiny_data, runs, "killed", model), "resume=true")
+    assert "Resuming from" in out.stdout
+    a = torch.load(runs / "straight" / "checkpoint-final.pt", weights_only=True)["model_state_dict"]
+    b = torch.load(runs / "killed" / "checkpoint-final.pt", weights_only=True)["model_state_dict"]
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    s1, v1 = scalars(runs / "straight", "train/loss_action")
+    s2, v2 = scalars(runs / "killed", "train/loss_action")
+    assert s1.tolist() == s2.tolist() == list(range(5, 41, 5))  # no duplicated or missing points
+    assert np.allclose(v1, v2, atol=1e-6)
+
+
+def test_resume_needs_a_run_and_the_same_model(tiny_data, tmp_path):
+    runs = tmp_path / "runs"
+    out = run_script("train.py", *train_args(tiny_data, runs, "none"), "resume=true", check=False)
+    assert out.returncode == 1 and "holds no run to resume" in out.stderr
+    run_script("train.py", *train_args(tiny_data, runs, "r"))
+    out = run_script("train.py", *train_args(tiny_data, runs, "r"), "resume=true", "model.tf_n_embd=32", check=False)
+    assert out.returncode == 1 and "tf_n_embd" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_kill_during_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint-step1.pt"
+    atomic_torch_save({"w": torch.zeros(3)}, path)
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[2]); from utils.io import atomic_torch_save\n"
+            "for i in range(10000): atomic_torch_save({'w': torch.full((2_000_000,), float(i))}, sys.argv[1])")
+    for delay in (0.3, 0.55, 0.8):
+        proc = subprocess.Popen([sys.executable, "-c", code, str(path), str(ROOT)])
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        w = load_checkpoint(path)["w"]
+        assert (w == w[0]).all()  # one complete write, never a mix or a truncation
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["checkpoint-step1.pt"]
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/compressed_ad_pwned",))
+
+
+def test_malicious_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model_state_dict": {}, "config": Payload()}, path)
+    with pytest.raises(CheckpointError, match="refused by torch.load"):
+        load_checkpoint(path)
+    out = run_script("evaluate.py", f"checkpoint={path}", check=False)
+    assert out.returncode == 1 and "refused" in out.stderr
+    assert not os.path.exists("/tmp/compressed_ad_pwned")
+
+
+def test_truncated_and_foreign_checkpoints_give_clear_errors(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"model_state_dict": {}, "config": {}}, good)
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:100])
+    (tmp_path / "text.pt").write_text("hello")
+    for name in ("cut.pt", "text.pt"):
+        out = run_script("evaluate.py", f"checkpoint={tmp_path / name}", check=False)
+        assert out.returncode == 1 and "not a readable PyTorch checkpoint" in out.stderr and "Traceback" not in out.stderr
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    out = run_script("evaluate.py", f"checkpoint={tmp_path / 'other.pt'}", check=False)
+    assert out.returncode == 1 and "lacks the keys" in out.stderr
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model=ad_compressed_dr", "model.n_latent=50"], "exceeds decoder_max_seq_length"),
+    (["model=ad_compressed_dr", "model.min_compress_length=50"], "min_compress_length (50) <= max_compress_length"),
+    (["model=ad_dr", "model.train_batch_size=0"], "train_batch_size=0 must be a positive multiple"),
+    (["model=ad_dr", "model.model=GPT"], "Unknown model 'GPT'"),
+    (["model=ad_dr", "env.name=lightroom"], "Unknown env name"),
+    (["model=ad_dr", "env.horizon=10"], "another env config"),
+    (["model=ad_dr", "model.pretrained_encoder_path=x.pt"], "apply to CompressedAD only"),
+    (["model=ad_compressed_dr", "model.pretrained_encoder_path=nope.pt"], "pretrained encoder checkpoint"),
+])
+def test_bad_config_values_are_refused_before_anything_is_written(tiny_data, tmp_path, overrides, message):
+    runs = tmp_path / "runs"
+    from dataset import histories_dir
+    from tests.conftest import compose_cfg
+
+    path = histories_dir(compose_cfg("collect", tiny_data))
+    args = [*tiny_data, f"run_root={runs}", *overrides]
+    if "env.horizon=10" in overrides:
+        args.append(f"dataset_path={path}")
+    out = run_script("train.py", *args, check=False)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert not runs.exists() or not any(runs.rglob("*.pt"))
+
+
+PRETRAIN = ["model.pretrain_steps=40", "model.pretrain_save_interval=10", "log_interval=5", "eval_interval=0",
+            "model.pretrain_batch_size=4", "model.encoder_n_layer=1", "model.pretrain_decoder_n_layer=1", "val_batches=1",
+            "model.pretrain_val_streams=1"]
+
+
+def test_pretrain_sigkill_then_resume_equals_uninterrupted(tiny_data, tmp_path):
+    runs = tmp_path / "runs"
+    args = lambda name: [*tiny_data, f"run_root={runs}", *PRETRAIN, f"run_name={name}"]
+    run_script("pretrain_encoder.py", *args("straight"))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "pretrain_encoder.py"), *args("killed")], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = runs / "killed" / "training-state-step20.pt"
+    t0 = time.time()
+    while not marker.exists() and proc.poll() is None and time.time() - t0 < 240:
+        time.sleep(0.02)
+    assert proc.poll() is None, "finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out = run_script("pretrain_encoder.py", *args("killed"), "resume=true")
+    assert "Resuming from" in out.stdout
+    a = torch.load(runs / "straight" / "encoder-pretrained-final.pt", weights_only=True)
+    b = torch.load(runs / "killed" / "encoder-pretrained-final.pt", weights_only=True)
+    for part in ("encoder_state_dict", "embed_context_state_dict", "embed_ln_state_dict"):
+        assert max((a[part][k] - b[part][k]).abs().max().item() for k in a[part]) <= 1e-6
+    s1, v1 = scalars(runs / "straight", "pretrain/loss")
+    s2, v2 = scalars(runs / "killed", "pretrain/loss")
+    assert s1.tolist() == s2.tolist() == list(range(5, 41, 5)) and np.allclose(v1, v2, atol=1e-6)
