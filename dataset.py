@@ -173,7 +173,7 @@ class ADCompressedDataset(Dataset):
 
     def __init__(self, histories: dict, max_compression_depth: int, min_compress_length: int, max_compress_length: int,
                  min_uncompressed_length: int, max_uncompressed_length: int, seed: int = 0, min_depth: int = 0,
-                 depth_weights=None):
+                 depth_weights=None, same_depth_per_batch: bool = False):
         self.tokens, self.actions = stream_tokens(histories)
         self.depth_range = (min_depth, max_compression_depth)
         n_depths = max_compression_depth - min_depth + 1
@@ -185,6 +185,7 @@ class ADCompressedDataset(Dataset):
         self.compress_range = (min_compress_length, max_compress_length)
         self.uncompressed_range = (min_uncompressed_length, max_uncompressed_length)
         self.seed = seed
+        self.same_depth_per_batch = same_depth_per_batch
         self.n_streams, T = self.actions.shape
         self.max_span = max_compression_depth * max_compress_length + max_uncompressed_length
         if self.max_span > T:
@@ -195,14 +196,15 @@ class ADCompressedDataset(Dataset):
     def __len__(self) -> int:
         return self.n_streams * self.n_starts
 
-    def sample_layout(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per index: depth [B], chunk lengths [B, D] (0 beyond the depth), uncompressed length [B]."""
+    def sample_layout(self, indices: np.ndarray, ignore_depth: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per index: depth [B], chunk lengths [B, D] (0 beyond the depth, unless `ignore_depth`), uncompressed length [B]."""
         D = self.depth_range[1]
         u = hashed_ints(indices, self.seed * 7919 + 1, 0, 2**40 - 1) / 2.0**40
         depth = self.depth_range[0] + np.minimum(np.searchsorted(self.depth_cdf, u, side="right"), len(self.depth_cdf) - 1)
         chunk_len = np.stack([hashed_ints(indices, self.seed * 7919 + 2 + j, *self.compress_range) for j in range(D)], axis=1) \
             if D else np.zeros((len(indices), 0), np.int64)
-        chunk_len = np.where(np.arange(D) < depth[:, None], chunk_len, 0)
+        if not ignore_depth:
+            chunk_len = np.where(np.arange(D) < depth[:, None], chunk_len, 0)
         uncompressed_len = hashed_ints(indices, self.seed * 7919 + 100, *self.uncompressed_range)
         return depth, chunk_len, uncompressed_len
 
@@ -210,6 +212,10 @@ class ADCompressedDataset(Dataset):
         indices = np.asarray(indices, dtype=np.int64)
         stream, start = np.divmod(indices, self.n_starts)
         depth, chunk_len, uncompressed_len = self.sample_layout(indices)
+        if self.same_depth_per_batch and len(indices):  # the batch takes its first sample's depth
+            full = self.sample_layout(indices, ignore_depth=True)[1]
+            depth = np.full_like(depth, depth[0])
+            chunk_len = np.where(np.arange(full.shape[1]) < depth[:, None], full, 0)
         T = self.tokens.shape[1]
         chunk_start = start[:, None] + np.concatenate([np.zeros((len(indices), 1), np.int64), np.cumsum(chunk_len, 1)[:, :-1]], 1) \
             if chunk_len.shape[1] else np.zeros((len(indices), 0), np.int64)
@@ -254,6 +260,7 @@ def build_dataset(model_cfg, histories: dict, seed: int = 0) -> Dataset:
         return ADCompressedDataset(
             histories, model_cfg.max_compression_depth, model_cfg.min_compress_length, model_cfg.max_compress_length,
             model_cfg.min_uncompressed_length, model_cfg.max_uncompressed_length, seed=seed,
+            same_depth_per_batch=model_cfg.get("same_depth_per_batch", False),
         )
     raise ValueError(f"No dataset for model '{model_cfg.model}'.")
 

@@ -1,6 +1,6 @@
 """Stage-1 data: compression chains cut from the same learning histories as the main training.
 
-`ADCompressedPretrainDataset` samples chains of 1..max_compression_depth chunks (no depth 0: there
+`ADCompressedPretrainDataset` samples chains of 1..pretrain_max_depth chunks (no depth 0: there
 is nothing to compress), weighted towards deeper chains, with chunk lengths from the CompressedAD
 config. Only train goals are used; the last `n_val_streams` streams of every train goal are held
 out for validation (`split="val"`), so the reported correlation is measured on unseen histories.
@@ -21,9 +21,9 @@ class ADCompressedPretrainDataset(ADCompressedDataset):
                                f"(the dataset has {S} streams per goal).")
         keep = slice(0, S - n_val_streams) if split == "train" else slice(S - n_val_streams, S)
         sliced = {k: (v[:, keep] if v.ndim == 3 else v) for k, v in histories.items()}
-        D = model_cfg.max_compression_depth
+        D = model_cfg.pretrain_max_depth
         if D < 1:
-            raise DatasetError("Encoder pre-training needs max_compression_depth >= 1.")
+            raise DatasetError("Encoder pre-training needs model.pretrain_max_depth >= 1.")
         super().__init__(
             sliced, D, model_cfg.min_compress_length, model_cfg.max_compress_length,
             min_uncompressed_length=1, max_uncompressed_length=1, seed=seed, min_depth=1,

@@ -330,7 +330,7 @@ def pretrain_encoder(cfg: DictConfig) -> dict:
                     tqdm.write(f"step {step}: held-out correlation {metrics['correlation']:.3f} (latents "
                                f"{metrics['correlation_latents']:.3f}, chunks {metrics['correlation_chunks']:.3f}); action "
                                f"accuracy by depth " + " / ".join(f"{metrics.get(f'action_acc_depth{d}', float('nan')):.2f}"
-                                                                  for d in range(1, mcfg.max_compression_depth + 1)))
+                                                                  for d in range(1, mcfg.pretrain_max_depth + 1)))
                 accelerator.wait_for_everyone()
             if step % mcfg.pretrain_save_interval == 0 or final:
                 save_stage1(run_dir, "final" if final else f"step{step}", accelerator, model, optimizer, scheduler, step, cfg)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
@@ -152,7 +152,9 @@ def attach_pretrained_encoder(model, mcfg, verbose: bool) -> str:
 
 
 def train(cfg: DictConfig) -> dict:
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+    # CompressedAD leaves parameters unused in some batches (no encoder at depth 0; truncated stages)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.model.model == "CompressedAD")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp])
     mcfg = cfg.model
     world = accelerator.num_processes
     spec = validate_config(cfg, world)

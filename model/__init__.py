@@ -21,6 +21,8 @@ def build_model(model_cfg, n_states: int, n_actions: int):
     if name == "CompressedAD":
         check_sizes(model_cfg)
     kwargs = {k: model_cfg[k] for k in _ARCH_KEYS[name]}
+    if name == "CompressedAD":
+        kwargs["grad_compression_stages"] = model_cfg.get("grad_compression_stages")
     return MODELS[name](n_states=n_states, n_actions=n_actions, **kwargs)
 
 

@@ -68,8 +68,10 @@ def decoder_mask(n_latent: int, n_tokens: int, device=None) -> torch.Tensor:
 class CompressedAD(nn.Module):
     def __init__(self, n_states: int, n_actions: int, tf_n_embd: int, tf_n_layer: int, tf_n_head: int, tf_dropout: float,
                  encoder_n_layer: int, encoder_n_head: int, n_latent: int, decoder_max_seq_length: int,
-                 max_compress_length: int, max_uncompressed_length: int, rollout_compress_length: int):
+                 max_compress_length: int, max_uncompressed_length: int, rollout_compress_length: int,
+                 grad_compression_stages: int | None = None):
         super().__init__()
+        self.grad_compression_stages = grad_compression_stages
         self.n_states, self.n_actions, self.n_latent = n_states, n_actions, n_latent
         self.decoder_max_seq_length = decoder_max_seq_length
         self.max_recent = max_uncompressed_length  # the rollout keeps at most this many uncompressed tokens
@@ -97,19 +99,27 @@ class CompressedAD(nn.Module):
     def compress_history(self, chunks: torch.Tensor, chunk_lengths: torch.Tensor) -> torch.Tensor:
         """chunks [B, D, Lc, 5], chunk_lengths [B, D] (0 = no such stage) -> latents [B, n_latent, C].
 
-        Stage j runs batched on the samples that have a j-th chunk; gradients flow through all stages.
+        Stage j runs batched on the samples that have a j-th chunk. Gradients flow through each
+        sample's last `grad_compression_stages` stages (all stages when None); older stages run
+        without gradient (truncated backpropagation), so chains can be deep at little cost.
         """
         B = chunks.shape[0]
         latents = self.encoder.empty_memory(B)
         positions = torch.arange(chunks.shape[2], device=chunks.device)
+        depth = (chunk_lengths > 0).sum(1)
         for j in range(chunks.shape[1]):
-            idx = torch.nonzero(chunk_lengths[:, j] > 0).squeeze(1)
-            if idx.numel() == 0:
+            active = chunk_lengths[:, j] > 0
+            if not active.any():
                 break
-            length = int(chunk_lengths[idx, j].max())
-            valid = positions[:length] < chunk_lengths[idx, j, None]
-            new = self.compress(latents[idx], chunks[idx, j, :length], valid)
-            latents = latents.index_put((idx,), new) if idx.numel() < B else new
+            with_grad = active if self.grad_compression_stages is None else active & (j >= depth - self.grad_compression_stages)
+            for idx, grad in ((torch.nonzero(active & ~with_grad).squeeze(1), False), (torch.nonzero(with_grad).squeeze(1), True)):
+                if idx.numel() == 0:
+                    continue
+                length = int(chunk_lengths[idx, j].max())
+                valid = positions[:length] < chunk_lengths[idx, j, None]
+                with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+                    new = self.compress(latents[idx], chunks[idx, j, :length], valid)
+                latents = latents.index_put((idx,), new) if idx.numel() < B else new
         return latents
 
     def decode(self, latents: torch.Tensor, tokens: torch.Tensor, past_kv=None, use_cache: bool = False):
@@ -181,25 +191,25 @@ def check_sizes(cfg) -> None:
     for lo, hi in (("min_compress_length", "max_compress_length"), ("min_uncompressed_length", "max_uncompressed_length")):
         if not 1 <= cfg[lo] <= cfg[hi]:
             errors.append(f"need 1 <= {lo} ({cfg[lo]}) <= {hi} ({cfg[hi]})")
-    if cfg.n_latent < 1:
-        errors.append(f"n_latent ({cfg.n_latent}) must be >= 1")
-    if cfg.n_latent + cfg.max_uncompressed_length > cfg.decoder_max_seq_length:
+    if cfg['n_latent'] < 1:
+        errors.append(f"n_latent ({cfg['n_latent']}) must be >= 1")
+    if cfg['n_latent'] + cfg['max_uncompressed_length'] > cfg['decoder_max_seq_length']:
         errors.append(
-            f"n_latent ({cfg.n_latent}) + max_uncompressed_length ({cfg.max_uncompressed_length}) = "
-            f"{cfg.n_latent + cfg.max_uncompressed_length} exceeds decoder_max_seq_length ({cfg.decoder_max_seq_length}): "
+            f"n_latent ({cfg['n_latent']}) + max_uncompressed_length ({cfg['max_uncompressed_length']}) = "
+            f"{cfg['n_latent'] + cfg['max_uncompressed_length']} exceeds decoder_max_seq_length ({cfg['decoder_max_seq_length']}): "
             f"the decoder has no room for the latents plus the recent context and query"
         )
-    c = cfg.rollout_compress_length
-    if not cfg.min_compress_length <= c <= cfg.max_compress_length:
+    c = cfg['rollout_compress_length']
+    if not cfg['min_compress_length'] <= c <= cfg['max_compress_length']:
         errors.append(f"rollout_compress_length ({c}) must lie in [min_compress_length, max_compress_length] "
-                      f"= [{cfg.min_compress_length}, {cfg.max_compress_length}], the range training uses")
-    if c >= cfg.max_uncompressed_length:
-        errors.append(f"rollout_compress_length ({c}) must be < max_uncompressed_length ({cfg.max_uncompressed_length}) "
+                      f"= [{cfg['min_compress_length']}, {cfg['max_compress_length']}], the range training uses")
+    if c >= cfg['max_uncompressed_length']:
+        errors.append(f"rollout_compress_length ({c}) must be < max_uncompressed_length ({cfg['max_uncompressed_length']}) "
                       f"so that recent context remains after a compression")
-    if cfg.max_compression_depth < 0:
-        errors.append(f"max_compression_depth ({cfg.max_compression_depth}) must be >= 0")
+    if cfg['max_compression_depth'] < 0:
+        errors.append(f"max_compression_depth ({cfg['max_compression_depth']}) must be >= 0")
     for n_head_key in ("tf_n_head", "encoder_n_head"):
-        if cfg.tf_n_embd % cfg[n_head_key]:
-            errors.append(f"tf_n_embd ({cfg.tf_n_embd}) must be divisible by {n_head_key} ({cfg[n_head_key]})")
+        if cfg['tf_n_embd'] % cfg[n_head_key]:
+            errors.append(f"tf_n_embd ({cfg['tf_n_embd']}) must be divisible by {n_head_key} ({cfg[n_head_key]})")
     if errors:
         raise ValueError("CompressedAD config does not fit together:\n  - " + "\n  - ".join(errors))

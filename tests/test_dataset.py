@@ -87,3 +87,14 @@ def test_distributed_sampler_gives_ranks_disjoint_windows():
         assert first["tokens"].shape == (16, 50, 5)
         seen.append({tuple(x) for x in first["tokens"][:, 0, [PREV_STATE, STATE]].tolist()})
     assert not seen[0] & seen[1]
+
+
+def test_same_depth_per_batch():
+    ds = ADCompressedDataset(labelled_histories(T=600), 8, 20, 40, 20, 40, same_depth_per_batch=True)
+    depths = set()
+    for start in range(0, 2000, 100):
+        batch = ds.__getitems__(np.arange(start, start + 16))
+        assert (batch["depth"] == batch["depth"][0]).all()
+        assert ((batch["chunk_lengths"] > 0).sum(1) == batch["depth"]).all()
+        depths.add(int(batch["depth"][0]))
+    assert len(depths) > 3
