@@ -53,7 +53,9 @@ def composed(config_name: str, overrides: list[str]):
 
 
 def plan(args, overrides: list[str]) -> list[list[str]]:
-    """The stage commands, in order."""
+    """The stage commands, in order. Each stage gets the overrides its config has keys for (collect.py has
+    no model; stage-1 keys such as model.pretrain_steps do not exist in stage 2); an override that no
+    stage knows is an error, so a typo is never dropped silently."""
     if args.num_processes is None:
         import torch
 
@@ -61,38 +63,51 @@ def plan(args, overrides: list[str]) -> list[list[str]]:
     py = sys.executable
     launch = [py, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_config.yaml"),
               "--num_processes", str(args.num_processes)]
-    stages = [[py, str(ROOT / "collect.py"), *overrides]]
+    used = set()
+
+    def keep(config_name, base=()):
+        kept = overrides_for(config_name, overrides, list(base))
+        used.update(kept)
+        return kept
+
+    stages = [[py, str(ROOT / "collect.py"), *keep("collect")]]
     pretrained = args.pretrained_path
     if not args.train_only:
-        stages.append([*launch, str(ROOT / "pretrain_encoder.py"), *overrides])
+        stage1 = keep("pretrain_encoder")
+        stages.append([*launch, str(ROOT / "pretrain_encoder.py"), *stage1])
         if pretrained is None:
-            pcfg = composed("pretrain_encoder", overrides)
+            pcfg = composed("pretrain_encoder", stage1)
             pretrained = str(Path(pcfg.run_root) / pcfg.run_name / "encoder-pretrained-final.pt")
-    if args.pretrain_only:
-        return stages
-    stage2 = ["model=ad_compressed_dr", *overrides]
-    if pretrained:
-        stage2.append(f"model.pretrained_encoder_path={pretrained}")
-    if args.freeze_encoder:
-        stage2.append("model.freeze_encoder=true")
-    stages.append([*launch, str(ROOT / "train.py"), *stage2])
-    tcfg = composed("train", stage2)
-    checkpoint = Path(tcfg.run_root) / tcfg.run_name / "checkpoint-final.pt"
-    stages.append([py, str(ROOT / "evaluate.py"), f"checkpoint={checkpoint}", *evaluate_overrides(overrides)])
+    if not args.pretrain_only:
+        stage2 = ["model=ad_compressed_dr", *keep("train", ["model=ad_compressed_dr"])]
+        if pretrained:
+            stage2.append(f"model.pretrained_encoder_path={pretrained}")
+        if args.freeze_encoder:
+            stage2.append("model.freeze_encoder=true")
+        stages.append([*launch, str(ROOT / "train.py"), *stage2])
+        tcfg = composed("train", stage2)
+        checkpoint = Path(tcfg.run_root) / tcfg.run_name / "checkpoint-final.pt"
+        stages.append([py, str(ROOT / "evaluate.py"), f"checkpoint={checkpoint}", *keep("evaluate", ["checkpoint=x"])])
+    unknown = [o for o in overrides if o not in used]
+    if unknown:
+        raise SystemExit(f"Error: no stage has a config key for {unknown}; check the spelling (python train.py --cfg job lists the keys).")
     return stages
 
 
-def evaluate_overrides(overrides: list[str]) -> list[str]:
-    """The overrides evaluate.py has keys for (experiment, eval.*, paths); the model and env come from the checkpoint."""
+def overrides_for(config_name: str, overrides: list[str], base: list[str]) -> list[str]:
+    """The overrides whose key exists in `config_name` composed with `base` (and `++key` ones, which add keys)."""
     from omegaconf import OmegaConf
 
-    cfg = composed("evaluate", ["checkpoint=x"])
-    keep = []
+    groups = [o for o in overrides if o.split("=", 1)[0] in ("experiment", "env", "algorithm")]
+    cfg = composed(config_name, [*base, *groups])
+    absent = object()  # a key set to null is present
+    kept = []
     for o in overrides:
-        key = o.split("=", 1)[0].lstrip("+~")
-        if key == "experiment" or OmegaConf.select(cfg, key, default=None) is not None:
-            keep.append(o)
-    return keep
+        key = o.split("=", 1)[0]
+        if key.startswith("++") or key in ("experiment", "env", "algorithm") \
+                or OmegaConf.select(cfg, key.lstrip("+~"), default=absent) is not absent:
+            kept.append(o)
+    return kept
 
 
 def main(argv=None) -> int:

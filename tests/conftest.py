@@ -23,7 +23,7 @@ TINY = [
 TINY_TRAIN = {
     "ad_dr": ["model=ad_dr", "model.n_transit=20", "model.train_timesteps=6", "model.train_batch_size=4",
               "model.tf_n_layer=1", "log_interval=2", "eval_interval=0", "save_interval=3", "test_loss_batches=1"],
-    "ad_compressed_dr": ["model=ad_compressed_dr", "model.train_timesteps=6", "model.train_batch_size=4",
+    "ad_compressed_dr": ["model=ad_compressed_dr", "model.max_compression_depth=3", "model.train_timesteps=6", "model.train_batch_size=4",
                          "model.tf_n_layer=1", "model.encoder_n_layer=1", "log_interval=2", "eval_interval=0",
                          "save_interval=3", "test_loss_batches=1"],
 }

@@ -104,13 +104,15 @@ def test_truncated_and_foreign_checkpoints_give_clear_errors(tmp_path):
 
 @pytest.mark.parametrize("overrides,message", [
     (["model=ad_compressed_dr", "model.n_latent=50"], "exceeds decoder_max_seq_length"),
+    (["model=ad_compressed_dr"], "A depth-8 sample spans up to 360 steps but streams have 200"),
     (["model=ad_compressed_dr", "model.min_compress_length=50"], "min_compress_length (50) <= max_compress_length"),
     (["model=ad_dr", "model.train_batch_size=0"], "train_batch_size=0 must be a positive multiple"),
     (["model=ad_dr", "model.model=GPT"], "Unknown model 'GPT'"),
     (["model=ad_dr", "env.name=lightroom"], "Unknown env name"),
     (["model=ad_dr", "env.horizon=10"], "another env config"),
-    (["model=ad_dr", "model.pretrained_encoder_path=x.pt"], "apply to CompressedAD only"),
-    (["model=ad_compressed_dr", "model.pretrained_encoder_path=nope.pt"], "pretrained encoder checkpoint"),
+    (["model=ad_dr", "+model.pretrained_encoder_path=x.pt"], "apply to CompressedAD only"),
+    (["model=ad_compressed_dr", "model.max_compression_depth=3", "model.pretrained_encoder_path=nope.pt"],
+     "pretrained encoder checkpoint"),
 ])
 def test_bad_config_values_are_refused_before_anything_is_written(tiny_data, tmp_path, overrides, message):
     runs = tmp_path / "runs"
@@ -154,3 +156,35 @@ def test_pretrain_sigkill_then_resume_equals_uninterrupted(tiny_data, tmp_path):
     s1, v1 = scalars(runs / "straight", "pretrain/loss")
     s2, v2 = scalars(runs / "killed", "pretrain/loss")
     assert s1.tolist() == s2.tolist() == list(range(5, 41, 5)) and np.allclose(v1, v2, atol=1e-6)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_data, tmp_path):
+    runs = tmp_path / "runs"
+    args = [*tiny_data, f"run_root={runs}", *TINY_TRAIN["ad_dr"], "model.train_timesteps=20", "save_interval=1",
+            "model.lr=1e30", "model.num_warmup_steps=1", "run_name=diverged"]
+    out = run_script("train.py", *args, check=False)
+    assert out.returncode == 1 and "Loss is" in out.stderr and "at step" in out.stderr and "Traceback" not in out.stderr
+    saved = sorted(runs.glob("diverged/checkpoint-step*.pt"))
+    assert saved and all(torch.isfinite(v).all() for p in saved[:1] for v in load_checkpoint(p)["model_state_dict"].values())
+
+
+def test_two_process_run_resumes_exactly(tiny_data, tmp_path):
+    """2 CPU processes through accelerate launch: resuming from an earlier checkpoint (later ones removed,
+    as after a kill) ends with the weights of the uninterrupted 2-process run."""
+    runs = tmp_path / "runs"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_config.yaml"),
+                "--num_processes", "2", "--main_process_port", "29519"]
+    env = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    for name in ("straight", "cut"):
+        run_script("train.py", *train_args(tiny_data, runs, name), launcher=launcher, env=env)
+    for later in ("checkpoint-final.pt", "checkpoint-step40.pt", "checkpoint-step30.pt"):
+        (runs / "cut" / later).unlink(missing_ok=True)
+    out = run_script("train.py", *train_args(tiny_data, runs, "cut"), "resume=true", launcher=launcher, env=env)
+    assert "Resuming from" in out.stdout and "step 20" in out.stdout and "2 process(es)" in out.stdout
+    a = torch.load(runs / "straight" / "checkpoint-final.pt", weights_only=True)
+    b = torch.load(runs / "cut" / "checkpoint-final.pt", weights_only=True)
+    assert len(b["rng_states"]) == 2
+    assert max((a["model_state_dict"][k] - b["model_state_dict"][k]).abs().max().item() for k in a["model_state_dict"]) <= 1e-6
+    s1, v1 = scalars(runs / "straight", "train/loss_action")
+    s2, v2 = scalars(runs / "cut", "train/loss_action")
+    assert s1.tolist() == s2.tolist() and np.allclose(v1, v2, atol=1e-6)

@@ -195,3 +195,13 @@ def test_failing_stage_stops_the_chain_with_its_exit_code(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "pretrain_encoder.py" not in proc.stdout and "Stage failed with exit code" in proc.stderr
+
+
+def test_wrapper_routes_stage_keys_and_refuses_unknown_ones():
+    args, overrides = parse_args(["model.pretrain_steps=4", "model.train_timesteps=3", "experiment=quick", "--num-processes", "1"])
+    collect_cmd, stage1, stage2, _ = plan(args, overrides)
+    assert "model.pretrain_steps=4" in stage1 and "model.pretrain_steps=4" not in stage2
+    assert "model.train_timesteps=3" in stage2 and not any(o.startswith("model.") for o in collect_cmd)
+    args, overrides = parse_args(["model.pretrain_stepz=4"])
+    with pytest.raises(SystemExit, match="no stage has a config key"):
+        plan(args, overrides)

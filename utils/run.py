@@ -25,7 +25,7 @@ def prepare_run_dir(cfg: DictConfig, accelerator) -> Path:
     Every rank decides from the file system before any rank writes, so all ranks agree.
     `overwrite=true` moves the old run aside (`<run_dir>.replaced-<time>`); nothing is deleted.
     """
-    run_dir = Path(cfg.run_root) / cfg.run_name
+    run_dir = Path(cfg.run_root) / str(cfg.run_name)  # run_name=1 arrives as an int
     exists = _has_outputs(run_dir)
     resume, overwrite = bool(cfg.get("resume", False)), bool(cfg.get("overwrite", False))
     accelerator.wait_for_everyone()
