@@ -75,7 +75,10 @@ def main() -> None:
         "AD, window 100": build_model(model_cfg("ad_dr"), 81, 5),
         "CompressedAD": build_model(model_cfg("ad_compressed_dr"), 81, 5),
     }
-    results = {name: profile(m, args.envs, args.lengths, args.block) for name, m in models.items()}
+    results = {}
+    for name, m in models.items():  # printed as each finishes: the full-history AD at 10 000 steps is slow
+        results[name] = profile(m, args.envs, args.lengths, args.block)
+        print(name, {n: f"{ms:.2f} ms, {mib:.2f} MiB" for n, (ms, mib) in results[name].items()}, flush=True)
     print(f"{args.envs} envs, {torch.get_num_threads()} threads; ms per env step (all envs) / context MiB")
     print(f"{'history':>10} | " + " | ".join(f"{name:>22}" for name in results))
     for n in args.lengths:
