@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts.runs import ROOT, eval_result, mean_pm, run, scalars
+from scripts.runs import ROOT, eval_result, mean_pm, run, scalars, write_table
 
 # run-name slug -> (label, overrides)
 VARIANTS = {
@@ -58,10 +58,8 @@ def main() -> None:
         ])
     header = ["model", "fraction_of_optimal_last10", "episodes to 80%", "area under curve", "train ms/step",
               "eval ms per env step", "compressions"]
-    table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows])
     note = f"\n\nQuick preset, held-out goals (8 x 32 envs, 100 episodes), seeds {args.seeds}; mean ± std over seeds.\n"
-    (out / "table.md").write_text(table + note)
-    print(table + note)
+    write_table(out / "table.md", header, rows, note)
 
     import matplotlib
 

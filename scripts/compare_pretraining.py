@@ -13,7 +13,7 @@ import argparse
 
 import numpy as np
 
-from scripts.runs import ROOT, eval_result, first_step_below, mean_pm, run, scalars
+from scripts.runs import ROOT, eval_result, first_step_below, mean_pm, run, scalars, write_table
 
 VARIANTS = {
     "scratch": ("from scratch", []),
@@ -61,10 +61,8 @@ def main() -> None:
         rows.append([label, mean_pm([r["steps_to_threshold"] for r in rs]) + (f" ({never} never)" if never else ""),
                      mean_pm([r["final"] for r in rs]), "0" if slug == "scratch" else mean_pm(stage1_seconds),
                      mean_pm([r["seconds"] for r in rs])])
-    table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows])
     note = f"\n\nQuick preset, seeds {args.seeds}, held-out goals (8 x 32 envs, 100 episodes); mean ± std over seeds.\n"
-    (out / "table.md").write_text(table + note)
-    print(table + note)
+    write_table(out / "table.md", header, rows, note)
 
     import matplotlib
 

@@ -53,3 +53,11 @@ def mean_pm(values) -> str:
     if len(values) == 1:
         return f"{values[0]:.3g}"
     return f"{np.mean(values):.3g} ± {np.std(values, ddof=1):.2g}"
+
+
+def write_table(path: Path, header: list[str], rows: list[list[str]], note: str = "") -> None:
+    """A markdown table (plus a note) written to `path` and printed."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+    text = "\n".join(lines) + note
+    Path(path).write_text(text)
+    print(text)
