@@ -191,7 +191,10 @@ class ADCompressedDataset(Dataset):
         if self.max_span > T:
             raise DatasetError(f"A depth-{max_compression_depth} sample spans up to {self.max_span} steps but streams have {T}: "
                                f"lower the compression lengths or collect more episodes.")
-        self.n_starts = T - self.max_span + 1
+        # index = (stream, position): the position places the uncompressed part uniformly over the
+        # positions its own chain leaves room for (see __getitems__), so that every depth, depth 0
+        # included, trains on the whole stream, its converged end included.
+        self.n_starts = T - max_uncompressed_length + 1
 
     def __len__(self) -> int:
         return self.n_streams * self.n_starts
@@ -217,6 +220,13 @@ class ADCompressedDataset(Dataset):
             depth = np.full_like(depth, depth[0])
             chunk_len = np.where(np.arange(full.shape[1]) < depth[:, None], full, 0)
         T = self.tokens.shape[1]
+        # the uncompressed part starts at a position in [chain length, T - max_uncompressed_length], spread
+        # evenly by `start`; the chain lies just before it. (Anchoring the chain's start instead would keep
+        # shallow samples away from the stream's end: with depth 0-8 on 1200-step streams, depth-0 targets
+        # would never come from the last 27% of the stream, where the source has converged.)
+        chain = chunk_len.sum(1)
+        last = T - self.uncompressed_range[1]
+        start = (chain + start * (last - chain) // max(1, last)) - chain  # chain start
         chunk_start = start[:, None] + np.concatenate([np.zeros((len(indices), 1), np.int64), np.cumsum(chunk_len, 1)[:, :-1]], 1) \
             if chunk_len.shape[1] else np.zeros((len(indices), 0), np.int64)
         t_chunks = np.minimum(chunk_start[..., None] + np.arange(self.compress_range[1]), T - 1)  # [B, D, Lc]

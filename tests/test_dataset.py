@@ -62,6 +62,19 @@ def test_compressed_samples_respect_ranges_and_streams():
     assert all(torch.equal(batch[k], again[k]) for k in batch)
 
 
+def test_every_depth_covers_the_whole_stream():
+    """Shallow samples must also train on the stream's end (where the source has converged)."""
+    T = 300
+    ds = ADCompressedDataset(labelled_histories(T=T), 8, 20, 30, 10, 20, seed=1)
+    batch = ds.__getitems__(np.arange(len(ds)))
+    t_last = (batch["tokens"][..., STATE].long() % 1000).masked_fill(batch["target_actions"] == -100, -1).amax(1)
+    t_first = torch.where(batch["depth"] > 0, batch["chunks"][:, 0, 0, STATE].long() % 1000, batch["tokens"][:, 0, STATE].long() % 1000)
+    for d in range(9):
+        at = batch["depth"] == d
+        assert t_first[at].min() <= 5  # chains start near the stream's first step ...
+        assert t_last[at].max() >= T - 10  # ... and targets reach its last steps
+
+
 def test_collate_trims_to_the_batch():
     ds = ADCompressedDataset(labelled_histories(T=300), 3, 5, 9, 4, 7, seed=0)
     idx = np.nonzero(ds.sample_layout(np.arange(len(ds)))[0] <= 1)[0][:8]
