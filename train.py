@@ -80,7 +80,7 @@ def save_checkpoint(path: Path, accelerator, model, optimizer, scheduler, step: 
     if accelerator.is_main_process:
         atomic_torch_save(
             {
-                "model_state_dict": accelerator.unwrap_model(model).state_dict(),
+                "model_state_dict": accelerator.unwrap_model(model, keep_torch_compile=False).state_dict(),
                 "optimizer_state_dict": optimizer.state_dict(),
                 "scheduler_state_dict": scheduler.state_dict(),
                 "rng_states": states,
@@ -182,6 +182,8 @@ def train(cfg: DictConfig) -> dict:
         optimizer.load_state_dict(resumed["optimizer_state_dict"])
         scheduler.load_state_dict(resumed["scheduler_state_dict"])
         step = int(resumed["global_step"])
+    if cfg.compile:  # the training forward only: rollouts and checkpoints use the plain module
+        model = torch.compile(model)
     # the scheduler is stepped by hand, once per optimizer step, whatever the number of processes
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     set_seed(cfg.seed, device_specific=True)  # different dropout draws per rank
@@ -202,7 +204,7 @@ def train(cfg: DictConfig) -> dict:
 
     def evaluate_now(step: int, final: bool) -> dict:
         """In-context evaluation on held-out goals; the final one is the full evaluation (eval/<split>.json)."""
-        raw = accelerator.unwrap_model(model)
+        raw = accelerator.unwrap_model(model, keep_torch_compile=False)
         goals = spec.goals(cfg.eval.split)
         n_envs = cfg.eval.n_envs_per_goal if final else cfg.eval_envs_per_goal_during_training
         rollout = run_in_context(raw, spec, goals, cfg.eval.n_episodes, n_envs, cfg.eval.seed, cfg.eval.use_cache,

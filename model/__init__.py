@@ -26,4 +26,12 @@ def build_model(model_cfg, n_states: int, n_actions: int):
     return MODELS[name](n_states=n_states, n_actions=n_actions, **kwargs)
 
 
-__all__ = ["AD", "CompressedAD", "CompressionEncoder", "MODELS", "build_model", "check_sizes"]
+
+def rollout_memory_bytes(rollout) -> int:
+    """Bytes of the in-context state a rollout keeps (tokens, latents, KV cache): what grows with history."""
+    tensors = [getattr(rollout, name, None) for name in ("tokens", "latents")]
+    tensors += [t for kv in rollout.cache or [] for t in kv]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+__all__ = ["AD", "CompressedAD", "CompressionEncoder", "MODELS", "build_model", "check_sizes", "rollout_memory_bytes"]

@@ -3,7 +3,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from model import AD, CompressedAD, build_model, check_sizes
+from model import AD, CompressedAD, build_model, check_sizes, rollout_memory_bytes
 from model.ad_compressed import decoder_mask
 from tests.conftest import ROOT
 
@@ -103,10 +103,11 @@ def run_rollout(model, n_steps, use_cache, n_envs=3):
     r = model.rollout(n_envs, use_cache=use_cache)
     torch.manual_seed(0)
     tokens = random_tokens(n_envs, n_steps, seed=7)
-    lengths, logits = [], []
+    lengths, logits, r.memory = [], [], []
     for t in range(n_steps):
         logits.append(r.step(tokens[:, t]))
         lengths.append(r.context_length)
+        r.memory.append(rollout_memory_bytes(r))
     return r, torch.stack(logits, 1), lengths
 
 
@@ -134,6 +135,7 @@ def test_compressed_rollout_decoder_length_bounded_over_2000_steps():
     assert max(lengths) <= cfg.decoder_max_seq_length and r.peak_decoder_length == max(lengths)
     assert r.n_compressions >= 90
     assert torch.isfinite(r.latents).all()
+    assert max(r.memory[1900:]) == max(r.memory[100:200]) > 0  # memory (tokens, latents, KV cache) stays flat
 
 
 def test_state_dict_splits_into_the_three_stage1_parts():

@@ -1,0 +1,134 @@
+"""GPU training throughput at paper scale: tokens/s and the share of the GPU's peak bf16 FLOP/s.
+
+    python bench/gpu_throughput.py [--steps 50] [--peak-tflops 989] [--compile]
+
+For AD (config/model/ad_dr.yaml) and CompressedAD (config/model/ad_compressed_dr.yaml) at their
+paper-scale defaults, on synthetic token batches of the real shapes (no dataset needed): one
+training step = forward + backward + clipping + fused AdamW under bf16 autocast. Prints the
+attention kernel SDPA picks, ms per step, tokens/s (decoder tokens whose actions are trained,
+plus compressed tokens for CompressedAD) and model FLOP/s as a share of `--peak-tflops` (dense
+bf16 peak of the GPU: H100/H200 SXM 989). FLOPs are counted as 6 x (matmul parameters) per token
+plus the attention score/value products; they are an estimate, as in nanoGPT's MFU.
+
+A few minutes at most on one GPU. `--device cpu --steps 2 --batch-scale 0.02` is a smoke test.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from model import build_model  # noqa: E402
+from utils.run import make_optimizer  # noqa: E402
+
+N_STATES, N_ACTIONS = 81, 5
+
+
+def model_cfg(model: str):
+    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
+        return compose("train", [f"model={model}"]).model
+
+
+def random_tokens(shape, device) -> torch.Tensor:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    cols = [torch.randint(0, N_STATES, shape, generator=g), torch.randint(0, N_ACTIONS, shape, generator=g),
+            torch.randint(0, 2, shape, generator=g), torch.randint(0, N_STATES, shape, generator=g),
+            torch.randint(0, N_STATES, shape, generator=g)]
+    return torch.stack(cols, -1).float().to(device)
+
+
+def make_batch(cfg, batch_size: int, device) -> tuple[dict, int]:
+    """A batch of the model's largest training shape; returns (batch, tokens processed per step)."""
+    if cfg.model == "AD":
+        T = cfg.n_transit
+        batch = {"tokens": random_tokens((batch_size, T), device)}
+        return batch, batch_size * T
+    D, Lc, Lu = cfg.max_compression_depth, cfg.max_compress_length, cfg.max_uncompressed_length
+    batch = {"tokens": random_tokens((batch_size, Lu), device), "chunks": random_tokens((batch_size, D, Lc), device),
+             "chunk_lengths": torch.full((batch_size, D), Lc, device=device)}
+    return batch, batch_size * (Lu + D * Lc)
+
+
+def flops_per_step(model, cfg, batch_size: int) -> float:
+    """6 x matmul parameters per token through each transformer, plus attention (QK^T and AV), fwd+bwd."""
+    def stack(n_layer, d, tokens, seq):
+        return 6 * (12 * n_layer * d * d) * tokens + 6 * 2 * n_layer * d * seq * tokens
+    d = cfg.tf_n_embd
+    if cfg.model == "AD":
+        T = cfg.n_transit
+        return stack(cfg.tf_n_layer, d, batch_size * T, T)
+    n_lat, D, Lc, Lu = cfg.n_latent, cfg.max_compression_depth, cfg.max_compress_length, cfg.max_uncompressed_length
+    enc_seq = 2 * n_lat + Lc
+    g = cfg.get("grad_compression_stages") or D
+    # stages without gradient cost a forward only (1/3 of fwd+bwd)
+    enc = stack(cfg.encoder_n_layer, d, batch_size * enc_seq, enc_seq) * (min(g, D) + max(0, D - g) / 3)
+    dec_seq = n_lat + Lu
+    return enc + stack(cfg.tf_n_layer, d, batch_size * dec_seq, dec_seq)
+
+
+def bench(name: str, cfg, device, batch_scale: float, steps: int, compile_model: bool, peak_tflops: float) -> None:
+    batch_size = max(1, int(cfg.train_batch_size * batch_scale))
+    model = build_model(cfg, N_STATES, N_ACTIONS).to(device)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
+    forward = torch.compile(model) if compile_model else model
+    batch, n_tokens = make_batch(cfg, batch_size, device)
+    targets = torch.randint(0, N_ACTIONS, batch["tokens"].shape[:2], device=device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16)
+
+    def step():
+        with amp:
+            logits = forward(batch)
+        loss = F.cross_entropy(logits.float().transpose(1, 2), targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    dt = (time.perf_counter() - t0) / steps
+    flops = flops_per_step(model, cfg, batch_size) / dt
+    mem = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else ""
+    print(f"{name:>13}: batch {batch_size}, {dt * 1e3:7.2f} ms/step, {n_tokens / dt:12,.0f} tokens/s, "
+          f"{flops / 1e12:6.2f} TFLOP/s = {100 * flops / (peak_tflops * 1e12):5.2f}% of {peak_tflops:g} TFLOP/s bf16 peak{mem}",
+          flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batch-scale", type=float, default=1.0, help="fraction of the paper batch size")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H100/H200 SXM: 989)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd steps")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        print(torch.cuda.get_device_name(), "| flash SDPA enabled:", torch.backends.cuda.flash_sdp_enabled(),
+              "| mem-efficient SDPA enabled:", torch.backends.cuda.mem_efficient_sdp_enabled())
+    for name, model in (("AD", "ad_dr"), ("CompressedAD", "ad_compressed_dr")):
+        cfg = model_cfg(model)
+        for compiled in ((False, True) if args.compile else (False,)):
+            bench(name + (" compiled" if compiled else ""), cfg, device, args.batch_scale, args.steps, compiled, args.peak_tflops)
+
+
+if __name__ == "__main__":
+    main()
