@@ -73,6 +73,14 @@ def episodes_to_fraction(curve: np.ndarray, fraction: float) -> int | None:
     return int(hits[0]) if len(hits) else None
 
 
+def miss_rate_after_first_success(returns: np.ndarray) -> float | None:
+    """Share of the episodes after a rollout's first rewarded episode that earned nothing: how often a
+    goal once found is lost again (memory failures show here, exploration failures do not)."""
+    found = np.cumsum(returns > 0, axis=-1) > 0
+    after = found & np.concatenate([np.zeros_like(found[..., :1]), found[..., :-1]], axis=-1)  # strictly after
+    return float((returns[after] == 0).mean()) if after.any() else None
+
+
 def summarize(goals: np.ndarray, spec: DarkroomSpec, rollout: dict) -> dict:
     """The eval JSON: per-goal returns, per-episode curve, fraction of optimal and its spread."""
     returns = rollout["returns"]  # [goals, repeats, episodes]
@@ -97,6 +105,7 @@ def summarize(goals: np.ndarray, spec: DarkroomSpec, rollout: dict) -> dict:
         if len(per_repeat_last10) > 1 else None,
         "area_under_curve": float(fraction_per_episode.mean()),
         "episodes_to_80pct": episodes_to_fraction(fraction_per_episode, 0.8),
+        "miss_rate_after_first_success": miss_rate_after_first_success(returns),
         "seconds": round(rollout["seconds"], 2),
         "seconds_per_env_step": rollout["seconds_per_env_step"],
     }

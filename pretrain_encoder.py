@@ -38,7 +38,8 @@ from model.tokens import PREV_ACTION, PREV_REWARD, STATE, token_dim, token_featu
 from model.transformer import Transformer, init_weights
 from utils.io import atomic_torch_save, load_checkpoint
 from utils.run import (RunDirError, TrainingError, UserConfigError, config_as_markdown, cosine_schedule, exit_on_user_error,
-                       make_optimizer, newest_checkpoint, plain_config, prepare_run_dir, restore_rng_states, rng_states)
+                       make_optimizer, newest_checkpoint, plain_config, prepare_for_training, prepare_run_dir, restore_rng_states,
+                       rng_states)
 from utils.stage1 import stage1_checkpoint
 
 
@@ -263,7 +264,7 @@ def pretrain_encoder(cfg: DictConfig) -> dict:
         optimizer.load_state_dict(resumed["optimizer_state_dict"])
         scheduler.load_state_dict(resumed["scheduler_state_dict"])
         step = int(resumed["global_step"])
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model, optimizer, loader = prepare_for_training(accelerator, model, optimizer, loader)
     set_seed(cfg.seed, device_specific=True)
     if resumed:
         restore_rng_states(accelerator, resumed.get("rng_states", []))

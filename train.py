@@ -32,7 +32,8 @@ from model import MODELS, build_model, check_sizes
 from utils.io import atomic_torch_save, load_checkpoint
 from utils.stage1 import freeze_stage1, load_stage1
 from utils.run import (RunDirError, TrainingError, UserConfigError, config_as_markdown, cosine_schedule, exit_on_user_error,
-                       make_optimizer, newest_checkpoint, plain_config, prepare_run_dir, restore_rng_states, rng_states)
+                       make_optimizer, newest_checkpoint, plain_config, prepare_for_training, prepare_run_dir, restore_rng_states,
+                       rng_states)
 
 
 def action_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -185,7 +186,7 @@ def train(cfg: DictConfig) -> dict:
     if cfg.compile:  # the training forward only: rollouts and checkpoints use the plain module
         model = torch.compile(model)
     # the scheduler is stepped by hand, once per optimizer step, whatever the number of processes
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model, optimizer, loader = prepare_for_training(accelerator, model, optimizer, loader)
     set_seed(cfg.seed, device_specific=True)  # different dropout draws per rank
     if resumed:
         restore_rng_states(accelerator, resumed.get("rng_states", []))

@@ -9,10 +9,12 @@ episodes, and writes runs/compare-context/table.md and curves.png.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a file: python scripts/<name>.py
 from scripts.runs import ROOT, eval_result, mean_pm, run, scalars, write_table
 
 # run-name slug -> (label, overrides)
@@ -41,7 +43,9 @@ def main() -> None:
             run_dir = ROOT / "runs" / run_name
             if not (run_dir / "checkpoint-final.pt").is_file():  # finished runs are reused
                 run("train.py", "experiment=quick", *overrides, f"seed={seed}", f"run_name={run_name}", "eval_interval=0", *extra)
-            if not (run_dir / "eval" / "test.json").is_file():  # train.py's final evaluation already wrote it
+            # train.py's final evaluation wrote eval/test.json; evaluations by older code lack newer metrics
+            done = (run_dir / "eval" / "test.json").is_file() and "miss_rate_after_first_success" in eval_result(run_dir)
+            if not done:
                 run("evaluate.py", f"checkpoint={run_dir / 'checkpoint-final.pt'}", "n_episodes=100")
             r = eval_result(run_dir)
             _, sec = scalars(run_dir, "train/seconds_per_step")
@@ -55,9 +59,10 @@ def main() -> None:
             mean_pm([1000 * r["train_seconds_per_step"] for r in results]),
             mean_pm([1000 * r["seconds_per_env_step"] / (r["n_envs_per_goal"] * len(r["goals"])) for r in results]),
             mean_pm([r.get("n_compressions") for r in results]) if "n_compressions" in results[0] else "-",
+            mean_pm([r["miss_rate_after_first_success"] for r in results]),
         ])
     header = ["model", "fraction_of_optimal_last10", "episodes to 80%", "area under curve", "train ms/step",
-              "eval ms per env step", "compressions"]
+              "eval ms per env step", "compressions", "miss rate after first success"]
     note = f"\n\nQuick preset, held-out goals (8 x 32 envs, 100 episodes), seeds {args.seeds}; mean ± std over seeds.\n"
     write_table(out / "table.md", header, rows, note)
 

@@ -47,6 +47,15 @@ def test_collect_train_evaluate_end_to_end(tiny_data, tmp_path, model):
     assert "fraction of optimal" in out.stdout
 
 
+def test_compiled_training_saves_plain_weights(tiny_data, tmp_path):
+    """compile=true trains through torch.compile; checkpoints hold the plain module's keys and evaluate."""
+    runs = tmp_path / "runs"
+    run_script("train.py", *tiny_data, f"run_root={runs}", *TINY_TRAIN["ad_dr"], "run_name=compiled", "compile=true", timeout=600)
+    ckpt = torch.load(runs / "compiled" / "checkpoint-final.pt", weights_only=True)
+    assert not any(k.startswith("_orig_mod") for k in ckpt["model_state_dict"])
+    run_script("evaluate.py", f"checkpoint={runs / 'compiled' / 'checkpoint-final.pt'}", "n_episodes=2", "n_envs_per_goal=1")
+
+
 def test_missing_dataset_names_the_collect_command(tmp_path):
     out = run_script("train.py", f"data_root={tmp_path}", f"run_root={tmp_path / 'runs'}", "experiment=quick", check=False)
     assert out.returncode != 0

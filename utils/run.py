@@ -69,6 +69,16 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None)
 
 
+def prepare_for_training(accelerator, model, optimizer, loader):
+    """accelerator.prepare, minus the DistributedDataParallel wrapper Accelerate puts even around a single
+    CPU process (`accelerate launch --num_processes 1` with a multi-process config): with nothing to
+    synchronise it only costs time. Mixed-precision autocast is applied to the inner model, so it stays."""
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if accelerator.num_processes == 1 and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model, optimizer, loader
+
+
 def newest_checkpoint(run_dir: Path, prefix: str) -> Path | None:
     """<prefix>-final.pt, else the <prefix>-step<N>.pt with the largest N (temporary files are hidden, never listed)."""
     if (run_dir / f"{prefix}-final.pt").is_file():
