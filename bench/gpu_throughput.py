@@ -106,7 +106,7 @@ def bench(name: str, cfg, device, batch_scale: float, steps: int, compile_model:
     flops = flops_per_step(model, cfg, batch_size) / dt
     mem = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else ""
     print(f"{name:>13}: batch {batch_size}, {dt * 1e3:7.2f} ms/step, {n_tokens / dt:12,.0f} tokens/s, "
-          f"{flops / 1e12:6.2f} TFLOP/s = {100 * flops / (peak_tflops * 1e12):5.2f}% of {peak_tflops:g} TFLOP/s bf16 peak{mem}",
+          f"{flops / 1e12:6.2f} TFLOP/s = {100 * flops / (peak_tflops * 1e12):6.3f}% of {peak_tflops:g} TFLOP/s bf16 peak{mem}",
           flush=True)
 
 
