@@ -4,8 +4,8 @@
 
 For AD (config/model/ad_dr.yaml) and CompressedAD (config/model/ad_compressed_dr.yaml) at their
 paper-scale defaults, on synthetic token batches of the real shapes (no dataset needed): one
-training step = forward + backward + clipping + fused AdamW under bf16 autocast. Prints the
-attention kernel SDPA picks, ms per step, tokens/s (decoder tokens whose actions are trained,
+training step = forward + backward + clipping + fused AdamW under bf16 autocast. Prints which
+SDPA kernels are enabled, ms per step, tokens/s (decoder tokens whose actions are trained,
 plus compressed tokens for CompressedAD) and model FLOP/s as a share of `--peak-tflops` (dense
 bf16 peak of the GPU: H100/H200 SXM 989). FLOPs are counted as 6 x (matmul parameters) per token
 plus the attention score/value products; they are an estimate, as in nanoGPT's MFU.
@@ -57,7 +57,7 @@ def make_batch(cfg, batch_size: int, device) -> tuple[dict, int]:
     return batch, batch_size * (Lu + D * Lc)
 
 
-def flops_per_step(model, cfg, batch_size: int) -> float:
+def flops_per_step(cfg, batch_size: int) -> float:
     """6 x matmul parameters per token through each transformer, plus attention (QK^T and AV), fwd+bwd."""
     def stack(n_layer, d, tokens, seq):
         return 6 * (12 * n_layer * d * d) * tokens + 6 * 2 * n_layer * d * seq * tokens
@@ -103,7 +103,7 @@ def bench(name: str, cfg, device, batch_scale: float, steps: int, compile_model:
         step()
     sync()
     dt = (time.perf_counter() - t0) / steps
-    flops = flops_per_step(model, cfg, batch_size) / dt
+    flops = flops_per_step(cfg, batch_size) / dt
     mem = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else ""
     print(f"{name:>13}: batch {batch_size}, {dt * 1e3:7.2f} ms/step, {n_tokens / dt:12,.0f} tokens/s, "
           f"{flops / 1e12:6.2f} TFLOP/s = {100 * flops / (peak_tflops * 1e12):6.3f}% of {peak_tflops:g} TFLOP/s bf16 peak{mem}",
