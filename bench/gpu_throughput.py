@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from model import build_model  # noqa: E402
+from model.tokens import random_tokens as tokens_in_range  # noqa: E402
 from utils.run import make_optimizer  # noqa: E402
 
 N_STATES, N_ACTIONS = 81, 5
@@ -38,11 +39,7 @@ def model_cfg(model: str):
 
 
 def random_tokens(shape, device) -> torch.Tensor:
-    g = torch.Generator(device="cpu").manual_seed(0)
-    cols = [torch.randint(0, N_STATES, shape, generator=g), torch.randint(0, N_ACTIONS, shape, generator=g),
-            torch.randint(0, 2, shape, generator=g), torch.randint(0, N_STATES, shape, generator=g),
-            torch.randint(0, N_STATES, shape, generator=g)]
-    return torch.stack(cols, -1).float().to(device)
+    return tokens_in_range(shape, N_STATES, N_ACTIONS).to(device)
 
 
 def make_batch(cfg, batch_size: int, device) -> tuple[dict, int]:

@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from model import build_model, rollout_memory_bytes  # noqa: E402
+from model.tokens import random_tokens  # noqa: E402
 
 
 def model_cfg(model: str, *extra: str):
@@ -30,19 +31,12 @@ def model_cfg(model: str, *extra: str):
         return compose("train", ["experiment=quick", f"model={model}", *extra]).model
 
 
-def random_tokens(n_envs: int, n_steps: int, g: torch.Generator) -> torch.Tensor:
-    cols = [torch.randint(0, 81, (n_envs, n_steps), generator=g), torch.randint(0, 5, (n_envs, n_steps), generator=g),
-            torch.randint(0, 2, (n_envs, n_steps), generator=g), torch.randint(0, 81, (n_envs, n_steps), generator=g),
-            torch.randint(0, 81, (n_envs, n_steps), generator=g)]
-    return torch.stack(cols, -1).float()
-
-
 @torch.no_grad()
 def profile(model, n_envs: int, lengths: list[int], block: int) -> dict:
     """Step one rollout up to max(lengths); time the `block` steps ending at each length."""
     model.eval()
     rollout = model.rollout(n_envs, use_cache=True)
-    tokens = random_tokens(n_envs, max(lengths), torch.Generator().manual_seed(0))
+    tokens = random_tokens((n_envs, max(lengths)), 81, 5)
     out, t_block = {}, 0.0
     for t in range(1, max(lengths) + 1):
         timed = any(L - block < t <= L for L in lengths)
@@ -63,7 +57,7 @@ def profile_full_history(model, n_envs: int, lengths: list[int], block: int) -> 
     model.eval()
     out = {}
     for L in lengths:
-        tokens = random_tokens(n_envs, L, torch.Generator().manual_seed(0))
+        tokens = random_tokens((n_envs, L), 81, 5)
         rollout = model.rollout(n_envs, use_cache=True)
         rollout.tokens = tokens[:, : L - block]
         _, rollout.cache = model.transformer(model.embed(rollout.tokens), is_causal=True, use_cache=True)

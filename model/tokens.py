@@ -65,3 +65,10 @@ def token_features(tokens: torch.Tensor, n_states: int, n_actions: int) -> torch
         _coords(tokens[..., STATE], side),
         has_prev[..., None],
     ], dim=-1)
+
+
+def random_tokens(shape: tuple, n_states: int, n_actions: int, seed: int = 0) -> torch.Tensor:
+    """Synthetic tokens [*shape, 5] with every field in its valid range (tests and benchmarks)."""
+    g = torch.Generator().manual_seed(seed)
+    highs = (n_states, n_actions, 2, n_states, n_states)  # per field, in field order
+    return torch.stack([torch.randint(0, h, tuple(shape), generator=g) for h in highs], dim=-1).float()

@@ -5,19 +5,14 @@ from omegaconf import OmegaConf
 
 from model import AD, CompressedAD, build_model, check_sizes, rollout_memory_bytes
 from model.ad_compressed import decoder_mask
+from model.tokens import random_tokens as tokens_in_range
 from tests.conftest import ROOT
 
 N_STATES, N_ACTIONS = 81, 5
 
 
 def random_tokens(B, T, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.stack([
-        torch.randint(0, N_STATES, (B, T), generator=g), torch.randint(0, N_ACTIONS, (B, T), generator=g),
-        torch.randint(0, 2, (B, T), generator=g), torch.randint(0, N_STATES, (B, T), generator=g),
-        torch.randint(0, N_STATES, (B, T), generator=g),
-    ], dim=-1).float()
-    return tokens
+    return tokens_in_range((B, T), N_STATES, N_ACTIONS, seed)
 
 
 def compressed_cfg(**over):
