@@ -1,7 +1,8 @@
-"""Collect learning histories of the source RL algorithm on every train and held-out goal.
+"""Collect learning histories of the source algorithm on every train, validation and test task.
 
     python collect.py                       # paper-scale defaults
     python collect.py experiment=quick      # CPU preset
+    python collect.py env=dark_key_to_door experiment=quick
     python collect.py force=true            # regenerate
 
 Skips the work when a complete dataset with the same env + algorithm config exists.
@@ -16,7 +17,7 @@ from omegaconf import DictConfig
 
 from algorithm import ALGORITHMS
 from dataset import histories_dir, histories_key, save_histories
-from env import make_env_spec
+from env import SPLITS, make_env_spec
 from utils.run import exit_on_user_error
 
 
@@ -34,34 +35,34 @@ def collect(cfg: DictConfig) -> str:
         raise ValueError(f"Unknown algorithm '{cfg.algorithm.name}'. Known: {sorted(ALGORITHMS)}.")
     spec = make_env_spec(cfg.env)
     run_algorithm = ALGORITHMS[cfg.algorithm.name]
-    rng = np.random.default_rng(cfg.algorithm.collect_seed)
-    n_streams = int(cfg.algorithm.n_streams_per_goal)
+    n_streams = int(cfg.algorithm.n_streams_per_task)
 
     splits, curves, t0 = {}, {}, time.perf_counter()
-    for split in ("train", "test"):
-        goals = spec.goals(split)
-        stream_goals = np.repeat(goals, n_streams, axis=0)
-        out = run_algorithm(stream_goals, spec.grid_size, spec.horizon, cfg.algorithm, rng)
+    for i, split in enumerate(SPLITS):
+        tasks = spec.tasks(split)
+        stream_tasks = np.repeat(tasks, n_streams, axis=0)
+        # each split has its own generator: one split's size never changes another's histories
+        rng = np.random.default_rng([int(cfg.algorithm.collect_seed), i])
+        out = run_algorithm(spec, stream_tasks, cfg.algorithm, rng, env_seed=int(cfg.algorithm.collect_seed) * 3 + i)
         T = out["states"].shape[1]
-        splits[split] = {k: out[k].reshape(len(goals), n_streams, T) for k in ("states", "actions", "rewards", "next_states")}
-        splits[split]["goals"] = goals
-        curves[split] = learning_curve(out["episode_returns"], spec.optimal_returns(stream_goals)).round(4).tolist()
+        splits[split] = {k: out[k].reshape(len(tasks), n_streams, T) for k in ("states", "actions", "rewards", "next_states", "lapse")}
+        splits[split]["tasks"] = tasks
+        curves[split] = learning_curve(out["episode_returns"], spec.optimal_returns(stream_tasks)).round(4).tolist()
     seconds = time.perf_counter() - t0
     n_steps = sum(s["states"].size for s in splits.values())
 
     metadata = {
         "config": histories_key(cfg),
-        "goals": {split: splits[split]["goals"].tolist() for split in splits},
+        "tasks": {split: splits[split]["tasks"].tolist() for split in splits},
         "learning_curve": curves,  # mean fraction of optimal return per episode
         "n_env_steps": int(n_steps),
         "collect_seconds": round(seconds, 2),
     }
     save_histories(path, splits, metadata)
-    curve = curves["train"]
-    marks = [e for e in (0, 10, 20, 30, 40, 50) if e < len(curve)] + [len(curve) - 1]
     print(f"Collected {n_steps:,} env steps in {seconds:.1f} s ({n_steps / seconds / 1e6:.2f}M steps/s) -> {path}")
-    print("Source learning curve (train goals, fraction of optimal): " + ", ".join(f"ep{e}={curve[e]:.2f}" for e in marks))
-    print("Source learning curve (test goals):                        " + ", ".join(f"ep{e}={curves['test'][e]:.2f}" for e in marks))
+    for split, curve in curves.items():
+        marks = sorted({e for e in (0, 10, 20, 30, 40, 60, 80, 100) if e < len(curve)} | {len(curve) - 1})
+        print(f"Source learning curve ({split} tasks, fraction of optimal): " + ", ".join(f"ep{e}={curve[e]:.2f}" for e in marks))
     return str(path)
 
 

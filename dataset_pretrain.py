@@ -20,14 +20,14 @@ class ADCompressedPretrainDataset(ADCompressedDataset):
             raise DatasetError(f"pretrain_val_streams={n_val_streams} must leave streams for both training and validation "
                                f"(the dataset has {S} streams per goal).")
         keep = slice(0, S - n_val_streams) if split == "train" else slice(S - n_val_streams, S)
-        sliced = {k: (v[:, keep] if v.ndim == 3 else v) for k, v in histories.items()}
+        sliced = {k: (v[:, keep] if isinstance(v, np.ndarray) and v.ndim == 3 else v) for k, v in histories.items()}
         D = model_cfg.pretrain_max_depth
         if D < 1:
             raise DatasetError("Encoder pre-training needs model.pretrain_max_depth >= 1.")
         super().__init__(
             sliced, D, model_cfg.min_compress_length, model_cfg.max_compress_length,
             min_uncompressed_length=1, max_uncompressed_length=1, seed=seed, min_depth=1,
-            depth_weights=depth_weights if depth_weights is not None else np.arange(1, D + 1),
+            depth_weights=depth_weights if depth_weights is not None else np.arange(1, D + 1), cut_chain_to_fit=False,
         )
 
 

@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from dataset import build_dataset, collate_fn_for, load_histories, load_metadata
+from dataset import build_dataset, collate_fn_for, histories_dir, load_histories, load_metadata
 from env import make_env_spec
-from evaluate import run_in_context, summarize, write_results
+from evaluate import held_out_loss, result_name, run_in_context, summarize, write_results
 from model import MODELS, build_model, check_sizes
 from utils.io import atomic_torch_save, load_checkpoint
 from utils.stage1 import freeze_stage1, load_stage1
@@ -37,40 +37,14 @@ from utils.run import (RunDirError, TrainingError, UserConfigError, config_as_ma
 
 
 def action_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
-    """Cross-entropy of the predicted actions (targets of -100 are ignored) and a flat log dict.
-
-    For compressed batches the log also holds per-depth sums (`depth_loss_sum`, `depth_count`), from
-    which the caller logs the loss at each compression depth and the depth mix.
-    """
+    """Cross-entropy of the predicted actions (targets of -100 are ignored) and a flat log dict."""
     logits = model(batch)
     targets = batch["target_actions"]
     per_token = F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=-100, reduction="none")
     valid = targets != -100
     loss = per_token.sum() / valid.sum()
     acc = (logits.argmax(-1) == targets)[valid].float().mean()
-    logs = {"loss_action": loss.detach(), "acc_action": acc.detach()}
-    if "depth" in batch:
-        n_depths = batch["depth_histogram"].numel()  # max_compression_depth + 1, the same for every batch
-        per_sample = (per_token.detach().sum(1) / valid.sum(1)).float()
-        logs["depth_loss_sum"] = torch.zeros(n_depths, device=loss.device).index_add_(0, batch["depth"], per_sample)
-        logs["depth_count"] = torch.bincount(batch["depth"], minlength=n_depths).float()
-    return loss, logs
-
-
-@torch.no_grad()
-def held_out_loss(model, dataset, collate, n_batches: int, batch_size: int, device) -> dict:
-    """Action loss on fixed windows of the held-out goals' histories (same windows every time)."""
-    was_training = model.training
-    model.eval()
-    rng = np.random.default_rng(0)
-    sums = {}
-    for _ in range(n_batches):
-        batch = collate(dataset.__getitems__(rng.integers(0, len(dataset), batch_size)))
-        _, logs = action_loss(model, {k: v.to(device) for k, v in batch.items()})
-        for k in ("loss_action", "acc_action"):
-            sums[k] = sums.get(k, 0.0) + float(logs[k]) / n_batches
-    model.train(was_training)
-    return sums
+    return loss, {"loss_action": loss.detach(), "acc_action": acc.detach(), "n_targets": valid.sum().float()}
 
 
 def save_checkpoint(path: Path, accelerator, model, optimizer, scheduler, step: int, cfg: DictConfig) -> None:
@@ -86,24 +60,37 @@ def save_checkpoint(path: Path, accelerator, model, optimizer, scheduler, step: 
                 "scheduler_state_dict": scheduler.state_dict(),
                 "rng_states": states,
                 "global_step": step,
-                "config": plain_config(cfg),
+                "config": {**plain_config(cfg), "dataset": str(histories_dir(cfg))},
             },
             path,
         )
     accelerator.wait_for_everyone()
 
 
+# config keys a resumed run must share with the run it continues (anything else, e.g. eval settings, may change)
+RESUME_KEYS = ("seed", "env", "algorithm", "model", "mixed_precision")
+
+
 def resume_state(run_dir: Path, cfg: DictConfig) -> dict:
-    """The newest checkpoint of this run, checked against the current config."""
+    """The newest checkpoint of this run, checked against the current config: a resume that would
+    continue on other data, another seed or another model is refused, naming the keys."""
     path = newest_checkpoint(run_dir, "checkpoint")
     if path is None:
         raise RunDirError(f"resume=true but '{run_dir}' holds no checkpoint yet. Start afresh with overwrite=true.")
     ckpt = load_checkpoint(path, "checkpoint to resume", required_keys=("model_state_dict", "optimizer_state_dict",
                                                                           "scheduler_state_dict", "global_step", "config"))
-    now, then = plain_config(cfg.model), ckpt["config"]["model"]
-    differ = {k: (then.get(k), v) for k, v in now.items() if then.get(k) != v}
+    now, then = plain_config(cfg), ckpt["config"]
+    differ = {}
+    for key in RESUME_KEYS:
+        a, b = then.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            differ.update({f"{key}.{k}": (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)})
+        elif a != b:
+            differ[key] = (a, b)
+    if then.get("dataset") != str(histories_dir(cfg)):
+        differ["dataset"] = (then.get("dataset"), str(histories_dir(cfg)))
     if differ:
-        raise UserConfigError(f"resume=true with a model config that differs from the run's ({path}): (then, now) = {differ}. "
+        raise UserConfigError(f"resume=true with a config that differs from the run's ({path}): (then, now) = {differ}. "
                               f"Resume with the run's own overrides (see {run_dir / 'config.yaml'}).")
     ckpt["path"] = path
     return ckpt
@@ -126,10 +113,13 @@ def validate_config(cfg: DictConfig, world: int):
         )
     if mcfg.num_warmup_steps < 1 or mcfg.train_timesteps < 1:
         raise UserConfigError("model.num_warmup_steps and model.train_timesteps must be >= 1.")
+    if cfg.resume and cfg.mixed_precision == "fp16":
+        raise UserConfigError("resume=true is refused under mixed_precision=fp16: the loss scaler's state is not checkpointed "
+                              "and skipped steps would shift the schedule, so the resume would not be exact. Use bf16 or no.")
     return spec
 
 
-def attach_pretrained_encoder(model, mcfg, verbose: bool) -> str:
+def attach_pretrained_encoder(model, mcfg, env_cfg, verbose: bool) -> str:
     """Load the stage-1 checkpoint into CompressedAD and/or freeze its encoder; returns what was done."""
     path, freeze = mcfg.get("pretrained_encoder_path"), bool(mcfg.get("freeze_encoder", False))
     if not path and not freeze:
@@ -139,7 +129,7 @@ def attach_pretrained_encoder(model, mcfg, verbose: bool) -> str:
                               f"(use model=ad_compressed_dr).")
     if freeze and not path:
         raise UserConfigError("freeze_encoder=true needs model.pretrained_encoder_path: freezing a random encoder is not pre-training.")
-    info = load_stage1(model, path)
+    info = load_stage1(model, path, plain_config(env_cfg))
     note = (f"Loaded encoder, embed_context and embed_ln ({info['n_params']:,} parameters) from {info['path']} "
             f"(stage-1 step {info['global_step']}).")
     if freeze:
@@ -153,19 +143,19 @@ def attach_pretrained_encoder(model, mcfg, verbose: bool) -> str:
 
 
 def train(cfg: DictConfig) -> dict:
-    # CompressedAD leaves parameters unused in some batches (no encoder at depth 0; truncated stages)
+    # CompressedAD leaves parameters unused in some batches (no encoder before the first compression; truncated stages)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.model.model == "CompressedAD")
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp])
     mcfg = cfg.model
     world = accelerator.num_processes
     spec = validate_config(cfg, world)
     train_set = build_dataset(mcfg, load_histories(cfg, "train"), seed=cfg.seed)
-    test_set = build_dataset(mcfg, load_histories(cfg, "test"), seed=cfg.seed + 1)
-    source_curve = load_metadata(cfg)["learning_curve"][cfg.eval.split]
+    held_out = {split: load_histories(cfg, split) for split in ("val", *cfg.final_eval_splits)}
+    source_curves = load_metadata(cfg)["learning_curve"]
 
     set_seed(cfg.seed)  # same initial weights on every rank
     model = build_model(mcfg, spec.n_states, spec.n_actions)
-    stage1_note = attach_pretrained_encoder(model, mcfg, accelerator.is_main_process)
+    stage1_note = attach_pretrained_encoder(model, mcfg, cfg.env, accelerator.is_main_process)
     run_dir = prepare_run_dir(cfg, accelerator)  # only now that every input has been checked
     optimizer = make_optimizer(model, mcfg.lr, mcfg.weight_decay, mcfg.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -200,29 +190,35 @@ def train(cfg: DictConfig) -> dict:
         writer.add_text("config", config_as_markdown(cfg))
         if stage1_note:
             writer.add_text("pretrained_encoder", stage1_note)
-        print(f"{mcfg.model}: {n_params:,} parameters, {len(train_set):,} training windows, "
+        print(f"{mcfg.model}: {n_params:,} parameters, {len(train_set):,} training samples, "
               f"{world} process(es), global batch {mcfg.train_batch_size} -> {run_dir}")
 
-    def evaluate_now(step: int, final: bool) -> dict:
-        """In-context evaluation on held-out goals; the final one is the full evaluation (eval/<split>.json)."""
+    def evaluate_now(step: int, split: str, full: bool) -> dict:
+        """In-context evaluation and held-out loss on one split. Validation (`eval/*`, `val/*`) decides
+        every choice; the test tasks (`test/*`, eval/test.json) are evaluated once, at the end."""
         raw = accelerator.unwrap_model(model, keep_torch_compile=False)
-        goals = spec.goals(cfg.eval.split)
-        n_envs = cfg.eval.n_envs_per_goal if final else cfg.eval_envs_per_goal_during_training
-        rollout = run_in_context(raw, spec, goals, cfg.eval.n_episodes, n_envs, cfg.eval.seed, cfg.eval.use_cache,
+        tasks = spec.tasks(split)
+        n_envs = cfg.eval.n_envs_per_task if full else cfg.eval_envs_per_task_during_training
+        rollout = run_in_context(raw, spec, tasks, cfg.eval.n_episodes, n_envs, cfg.eval.seed, cfg.eval.use_cache,
                                  accelerator.device)
-        result = summarize(goals, spec, rollout)
-        result["global_step"] = step
-        if final:
-            write_results(result, run_dir, cfg.eval.split, source_curve)
-        test = held_out_loss(raw, test_set, collate_fn_for(mcfg), cfg.test_loss_batches, mcfg.train_batch_size, accelerator.device)
-        writer.add_scalar("eval/mean_reward", np.mean(result["mean_return_per_episode"][-10:]), step)
-        for k in ("fraction_of_optimal_last10", "fraction_of_optimal_first10", "n_compressions", "peak_decoder_length"):
-            if k in result:
-                writer.add_scalar(f"eval/{k}", result[k], step)
-        for k, v in test.items():
-            writer.add_scalar(f"test/{k}", v, step)
-        tqdm.write(f"step {step}: held-out fraction of optimal first10 {result['fraction_of_optimal_first10']:.3f} "
-                   f"-> last10 {result['fraction_of_optimal_last10']:.3f} ({n_envs} envs/goal), test loss {test['loss_action']:.3f}")
+        result = summarize(tasks, spec, rollout)
+        result.update(split=split, memory="normal", global_step=step, env=spec.name)
+        loss = held_out_loss(raw, held_out[split], cfg.eval.held_out_streams_per_task, accelerator.device) \
+            if cfg.eval.held_out_streams_per_task else {}
+        result["held_out"] = loss
+        if full:
+            write_results(result, run_dir, result_name(split), source_curves.get(split))
+        rollout_tag = "eval" if split == "val" else split  # eval/*: the validation rollouts
+        writer.add_scalar(f"{rollout_tag}/mean_reward", np.mean(result["mean_return_per_episode"][-10:]), step)
+        for k in ("fraction_of_optimal_last10", "fraction_of_optimal_first10", "miss_rate_after_first_success",
+                  "n_compressions", "peak_decoder_length", "key_rate", "door_rate"):
+            if result.get(k) is not None:
+                writer.add_scalar(f"{rollout_tag}/{k}", result[k], step)
+        for k, v in loss.items():
+            writer.add_scalar(f"{split}/{k}", v, step)
+        tqdm.write(f"step {step}: {split} fraction of optimal first10 {result['fraction_of_optimal_first10']:.3f} -> last10 "
+                   f"{result['fraction_of_optimal_last10']:.3f} ({n_envs} envs/task)"
+                   + (f", {split} loss {loss['loss_action']:.3f}" if loss else ""))
         return result
 
     model.train()
@@ -257,26 +253,23 @@ def train(cfg: DictConfig) -> dict:
             n_logged += 1
             if step % cfg.log_interval == 0 or step == mcfg.train_timesteps:
                 means = {k: accelerator.reduce(logs_sum[k] / n_logged, reduction="mean").item() for k in ("loss_action", "acc_action")}
+                n_targets = accelerator.reduce(logs_sum["n_targets"], reduction="sum").item()
                 if writer is not None:
                     for k, v in means.items():
                         writer.add_scalar(f"train/{k}", v, step)
                     writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
                     writer.add_scalar("train/grad_norm", float(grad_norm), step)
-                    writer.add_scalar("train/seconds_per_step", (time.perf_counter() - t_start) / (step - start_step), step)
-                if "depth_count" in logs_sum:  # CompressedAD: loss per compression depth and the depth mix
-                    loss_sum, counts = (accelerator.reduce(logs_sum[k], reduction="sum") for k in ("depth_loss_sum", "depth_count"))
-                    if writer is not None:
-                        for d, (l, n) in enumerate(zip(loss_sum.tolist(), counts.tolist())):
-                            writer.add_scalar(f"train/depth_share/{d}", n / max(1.0, counts.sum().item()), step)
-                            if n:
-                                writer.add_scalar(f"train/loss_action_depth{d}", l / n, step)
+                    seconds = time.perf_counter() - t_start
+                    writer.add_scalar("train/seconds_per_step", seconds / (step - start_step), step)
+                    writer.add_scalar("train/targets_per_step", n_targets / n_logged, step)
                 bar.set_postfix(loss=f"{means['loss_action']:.3f}", acc=f"{means['acc_action']:.3f}", refresh=False)
                 logs_sum, n_logged = {}, 0
 
             final = step == mcfg.train_timesteps
             if cfg.eval_interval and step % cfg.eval_interval == 0 or final:
                 if accelerator.is_main_process:
-                    result = evaluate_now(step, final)
+                    for split in cfg.final_eval_splits if final else ("val",):
+                        result[split] = evaluate_now(step, split, full=final)
                 accelerator.wait_for_everyone()
             if step % cfg.save_interval == 0 or final:
                 save_checkpoint(run_dir / ("checkpoint-final.pt" if final else f"checkpoint-step{step}.pt"),

@@ -4,8 +4,8 @@
                         [--num-processes N] [--dry-run] [hydra overrides ...]
 
 Runs, in order: collect.py (a no-op when the dataset exists), stage 1 (pretrain_encoder.py), stage 2
-(train.py with model=ad_compressed_dr and the stage-1 checkpoint as an override), and evaluate.py on
-the held-out goals. Stages 1 and 2 go through `accelerate launch --config_file accelerate_config.yaml`.
+(train.py with the env's CompressedAD, model=ad_compressed_<env.short_name>, and the stage-1 checkpoint
+as an override), and evaluate.py on the test tasks. Stages 1 and 2 go through `accelerate launch --config_file accelerate_config.yaml`.
 The Hydra overrides reach every stage. A failing stage stops the chain with its exit code.
 """
 from __future__ import annotations
@@ -79,7 +79,8 @@ def plan(args, overrides: list[str]) -> list[list[str]]:
             pcfg = composed("pretrain_encoder", stage1)
             pretrained = str(Path(pcfg.run_root) / pcfg.run_name / "encoder-pretrained-final.pt")
     if not args.pretrain_only:
-        stage2 = ["model=ad_compressed_dr", *keep("train", ["model=ad_compressed_dr"])]
+        model = f"model=ad_compressed_{composed('collect', [o for o in overrides if o.startswith('env=')]).env.short_name}"
+        stage2 = [model, *keep("train", [model])]
         if pretrained:
             stage2.append(f"model.pretrained_encoder_path={pretrained}")
         if args.freeze_encoder:

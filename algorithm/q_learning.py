@@ -1,14 +1,16 @@
-"""Tabular Q-learning, vectorized over many independent learning streams.
+"""Tabular Q-learning, vectorized over many independent learning streams, on any grid task.
 
 Optimistic initial values drive exploration, epsilon decays linearly to zero, and every finished
-episode is replayed backwards a few times so that the goal's value spreads along the path at once.
-This makes a learner whose return rises within a few dozen episodes: the speed AD can distil.
+episode is replayed backwards a few times so that reward spreads along the path at once. This makes
+a learner whose return rises within a few dozen episodes: the speed AD can distil. The Q-table is
+indexed by the env's learner state (the cell for Darkroom, (cell, holds key) for Key-to-Door); the
+recorded history holds observations (cells) only.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from env.darkroom import BatchedDarkroom
+from env.base import GridTaskSpec
 
 
 def greedy_random_tiebreak(q: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -17,17 +19,17 @@ def greedy_random_tiebreak(q: np.ndarray, rng: np.random.Generator) -> np.ndarra
     return np.argmax(np.where(is_max, rng.random(q.shape), -1.0), axis=-1)
 
 
-def run_q_learning(goals: np.ndarray, grid_size: int, horizon: int, cfg, rng: np.random.Generator) -> dict:
-    """Run one Q-learner per row of `goals` for `cfg.n_episodes` episodes.
+def run_q_learning(spec: GridTaskSpec, tasks: np.ndarray, cfg, rng: np.random.Generator, env_seed: int = 0) -> dict:
+    """Run one Q-learner per row of `tasks` for `cfg.n_episodes` episodes.
 
-    Returns int/float arrays of shape [n_streams, n_episodes * horizon]: `states`, `actions`,
-    `rewards`, `next_states`, plus `episode_returns` [n_streams, n_episodes].
+    Returns arrays of shape [n_streams, n_episodes * horizon]: `states`, `actions`, `rewards`,
+    `next_states`, `lapse` (bool), plus `episode_returns` [n_streams, n_episodes].
     """
-    n_streams, n_states, n_actions = len(goals), grid_size * grid_size, 5
+    n_streams, n_actions, horizon = len(tasks), spec.n_actions, spec.horizon
     n_episodes = int(cfg["n_episodes"])
     gamma, alpha = float(cfg["gamma"]), float(cfg["alpha"])
-    q = np.full((n_streams, n_states, n_actions), float(cfg["q_init"]))
-    env = BatchedDarkroom(goals, grid_size, horizon)
+    q = np.full((n_streams, spec.n_learner_states, n_actions), float(cfg["q_init"]))
+    env = spec.batched(tasks, seed=env_seed)
     rows = np.arange(n_streams)
 
     T = n_episodes * horizon
@@ -36,7 +38,13 @@ def run_q_learning(goals: np.ndarray, grid_size: int, horizon: int, cfg, rng: np
         "actions": np.zeros((n_streams, T), np.int8),
         "rewards": np.zeros((n_streams, T), np.float32),
         "next_states": np.zeros((n_streams, T), np.int16),
+        "lapse": np.zeros((n_streams, T), bool),
     }
+    lapse_prob = float(cfg.get("lapse_prob", 0.0))
+    lapse_rng = np.random.default_rng([int(cfg.get("collect_seed", 0)), 7])  # apart from exploration's draws
+    lapse_left = np.zeros(n_streams, np.int64)  # episodes of the current lapse still to come
+    in_lapse = np.zeros(n_streams, bool)
+    learner = np.zeros((n_streams, horizon + 1), np.int64)  # this episode's learner states, for the replay
 
     def update(s, a, r, s2):
         target = r + gamma * q[rows, s2].max(axis=-1)
@@ -45,21 +53,31 @@ def run_q_learning(goals: np.ndarray, grid_size: int, horizon: int, cfg, rng: np
     for episode in range(n_episodes):
         decay = min(1.0, episode / max(1, int(cfg["epsilon_decay_episodes"])))
         epsilon = float(cfg["epsilon_start"]) + decay * (float(cfg["epsilon_end"]) - float(cfg["epsilon_start"]))
-        s = env.reset()
+        if lapse_prob > 0 and episode >= int(cfg["lapse_after_episodes"]):
+            begin = (lapse_left == 0) & ~in_lapse & (lapse_rng.random(n_streams) < lapse_prob)
+            lapse_left = np.where(begin, lapse_rng.integers(1, int(cfg["lapse_max_episodes"]) + 1, n_streams), lapse_left)
+        in_lapse = lapse_left > 0
+        epsilon = np.where(in_lapse, 1.0, epsilon)
+        out["lapse"][:, episode * horizon : (episode + 1) * horizon] = in_lapse[:, None]
+        lapse_left = np.maximum(lapse_left - 1, 0)
+        obs = env.reset()
+        learner[:, 0] = env.learner_states()
         lo = episode * horizon
         for t in range(horizon):
+            s = learner[:, t]
             greedy = greedy_random_tiebreak(q[rows, s], rng)
             explore = rng.random(n_streams) < epsilon
             a = np.where(explore, rng.integers(0, n_actions, n_streams), greedy)
-            s2, r, _ = env.step(a)
+            obs2, r, _ = env.step(a)
+            learner[:, t + 1] = env.learner_states()
             # the horizon is a time limit: bootstrap through it
-            update(s, a, r, s2)
-            out["states"][:, lo + t], out["actions"][:, lo + t] = s, a
-            out["rewards"][:, lo + t], out["next_states"][:, lo + t] = r, s2
-            s = s2
+            update(s, a, r, learner[:, t + 1])
+            out["states"][:, lo + t], out["actions"][:, lo + t] = obs, a
+            out["rewards"][:, lo + t], out["next_states"][:, lo + t] = r, obs2
+            obs = obs2
         for _ in range(int(cfg["n_replay_sweeps"])):
-            for t in reversed(range(lo, lo + horizon)):
-                update(out["states"][:, t], out["actions"][:, t], out["rewards"][:, t], out["next_states"][:, t])
+            for t in reversed(range(horizon)):
+                update(learner[:, t], out["actions"][:, lo + t], out["rewards"][:, lo + t], learner[:, t + 1])
 
     out["episode_returns"] = out["rewards"].reshape(n_streams, n_episodes, horizon).sum(-1)
     return out

@@ -15,7 +15,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from algorithm.q_learning import run_q_learning  # noqa: E402
-from env import ACTION_DELTAS, split_goals  # noqa: E402
+from env import ACTION_DELTAS, DarkroomSpec  # noqa: E402
 
 CFG = dict(n_episodes=60, gamma=0.9, alpha=1.0, q_init=6.0, epsilon_start=0.1, epsilon_end=0.0,
            epsilon_decay_episodes=40, n_replay_sweeps=3)
@@ -51,10 +51,10 @@ def per_stream_loop(goal, grid_size=9, horizon=20, rng=None) -> int:
 
 
 def main() -> None:
-    train, _ = split_goals(9, 0.9, 0)
-    goals = np.repeat(train, 16, axis=0)  # the quick preset: 73 goals x 16 streams
+    spec = DarkroomSpec(grid_size=9, horizon=20, train_env_ratio=0.9, val_env_ratio=0.1, env_split_seed=0)
+    goals = np.repeat(spec.tasks("train"), 16, axis=0)  # the quick preset: 65 goals x 16 streams
     t0 = time.perf_counter()
-    out = run_q_learning(goals, 9, 20, CFG, np.random.default_rng(0))
+    out = run_q_learning(spec, goals, CFG, np.random.default_rng(0))
     vec_seconds = time.perf_counter() - t0
     vec_rate = out["states"].size / vec_seconds
 

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from model import build_model  # noqa: E402
+from model.schedule import CompressionSchedule  # noqa: E402
 from model.tokens import random_tokens as tokens_in_range  # noqa: E402
 from utils.run import make_optimizer  # noqa: E402
 
@@ -42,12 +43,22 @@ def random_tokens(shape, device) -> torch.Tensor:
     return tokens_in_range(shape, N_STATES, N_ACTIONS).to(device)
 
 
+STREAM_LENGTH = 1200  # a Darkroom learning history: 60 episodes of 20 steps
+
+
 def make_batch(cfg, batch_size: int, device) -> tuple[dict, int]:
-    """A batch of the model's largest training shape; returns (batch, tokens processed per step)."""
+    """A batch of the model's training shape; returns (batch, tokens processed per step)."""
     if cfg.model == "AD":
         T = cfg.n_transit
         batch = {"tokens": random_tokens((batch_size, T), device)}
         return batch, batch_size * T
+    if cfg.training_mode == "stream":  # spans ending at the stream's end: the deepest (costliest) spans
+        n_segments = CompressionSchedule(cfg.max_uncompressed_length, cfg.rollout_compress_length).segments(STREAM_LENGTH).n_compressions + 1
+        S = min(cfg.stream_span_segments, n_segments)
+        batch = {"tokens": random_tokens((batch_size, STREAM_LENGTH), device),
+                 "first_segment": torch.full((batch_size,), n_segments - S, device=device),
+                 "n_segments": torch.full((batch_size,), S, device=device)}
+        return batch, batch_size * STREAM_LENGTH
     D, Lc, Lu = cfg.max_compression_depth, cfg.max_compress_length, cfg.max_uncompressed_length
     batch = {"tokens": random_tokens((batch_size, Lu), device), "chunks": random_tokens((batch_size, D, Lc), device),
              "chunk_lengths": torch.full((batch_size, D), Lc, device=device)}
@@ -62,6 +73,14 @@ def flops_per_step(cfg, batch_size: int) -> float:
     if cfg.model == "AD":
         T = cfg.n_transit
         return stack(cfg.tf_n_layer, d, batch_size * T, T)
+    if cfg.training_mode == "stream":  # as make_batch: every stage before the span forward only, G per segment with gradient
+        n_lat, c, W = cfg.n_latent, cfg.rollout_compress_length, cfg.max_uncompressed_length
+        K = CompressionSchedule(W, c).segments(STREAM_LENGTH).n_compressions
+        S = min(cfg.stream_span_segments, K + 1)
+        G = cfg.get("grad_compression_stages") or K
+        enc_seq, dec_seq = 2 * n_lat + c, n_lat + W
+        enc = stack(cfg.encoder_n_layer, d, batch_size * enc_seq, enc_seq) * (K / 3 + G * S)
+        return enc + stack(cfg.tf_n_layer, d, batch_size * S * dec_seq, dec_seq)
     n_lat, D, Lc, Lu = cfg.n_latent, cfg.max_compression_depth, cfg.max_compress_length, cfg.max_uncompressed_length
     enc_seq = 2 * n_lat + Lc
     g = cfg.get("grad_compression_stages") or D
@@ -121,7 +140,7 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         print(torch.cuda.get_device_name(), "| flash SDPA enabled:", torch.backends.cuda.flash_sdp_enabled(),
               "| mem-efficient SDPA enabled:", torch.backends.cuda.mem_efficient_sdp_enabled())
-    for name, model in (("AD", "ad_dr"), ("CompressedAD", "ad_compressed_dr")):
+    for name, model in (("AD", "ad_dr"), ("CompressedAD", "ad_compressed_dr"), ("CompressedAD chains", "ad_compressed_dr_chains")):
         cfg = model_cfg(model)
         for compiled in ((False, True) if args.compile else (False,)):
             bench(name + (" compiled" if compiled else ""), cfg, device, args.batch_scale, args.steps, compiled, args.peak_tflops)

@@ -23,6 +23,9 @@ def build_model(model_cfg, n_states: int, n_actions: int):
     kwargs = {k: model_cfg[k] for k in _ARCH_KEYS[name]}
     if name == "CompressedAD":
         kwargs["grad_compression_stages"] = model_cfg.get("grad_compression_stages")
+        kwargs["stream_gradient"] = model_cfg.get("stream_gradient", "per_target")
+        kwargs["latent_write"] = model_cfg.get("latent_write", "replace")
+        kwargs["encoder_dropout"] = model_cfg.get("encoder_dropout")
     return MODELS[name](n_states=n_states, n_actions=n_actions, **kwargs)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from model.schedule import CompressionSchedule
 from model.tokens import token_dim, token_features
 from model.transformer import Transformer, init_weights
 
@@ -16,6 +17,8 @@ class AD(nn.Module):
                  tf_dropout: float, n_transit: int):
         super().__init__()
         self.n_states, self.n_actions, self.n_transit = n_states, n_actions, n_transit
+        # the rollout's context rule: when n_transit tokens are held, the oldest half is dropped
+        self.schedule = CompressionSchedule(window=n_transit, chunk=n_transit - n_transit // 2)
         self.embed_context = nn.Linear(token_dim(n_states, n_actions), tf_n_embd)
         self.embed_ln = nn.LayerNorm(tf_n_embd)
         self.pos_emb = nn.Embedding(n_transit, tf_n_embd)
@@ -35,6 +38,24 @@ class AD(nn.Module):
         y, _ = self.transformer(self.embed(tokens), is_causal=True)
         return self.action_head(y)
 
+    @torch.no_grad()
+    def teacher_forced_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, A] at every step of histories tokens [B, T, 6], each from the rollout's context
+        there (the window since the last drop, re-encoded from position 0)."""
+        B, T, _ = tokens.shape
+        seg = self.schedule.segments(T)
+        n_seg = len(seg.window_start)
+        window_start = torch.as_tensor(seg.window_start, device=tokens.device).repeat(B)
+        first_target = torch.as_tensor(seg.first_target, device=tokens.device).repeat(B)
+        end = torch.as_tensor(seg.end, device=tokens.device).repeat(B)
+        sample = torch.arange(B, device=tokens.device).repeat_interleave(n_seg)
+        t = window_start[:, None] + torch.arange(int((end - window_start).max()), device=tokens.device)[None]
+        logits = self({"tokens": tokens[sample[:, None], t.clamp(max=T - 1)]})
+        is_target = (t >= first_target[:, None]) & (t < end[:, None])
+        out = logits.new_zeros(B, T, logits.shape[-1])
+        out[sample[:, None].expand_as(t)[is_target], t[is_target]] = logits[is_target]
+        return out
+
     def rollout(self, n_envs: int, use_cache: bool = True) -> "ADRollout":
         return ADRollout(self, n_envs, use_cache)
 
@@ -43,23 +64,23 @@ class ADRollout:
     """In-context state of an AD rollout over `n_envs` parallel envs.
 
     The context holds at most `n_transit` tokens. When it is full, the oldest half is dropped and the
-    rest is re-encoded from position 0, so every step sees between n_transit/2 and n_transit tokens
-    (positions the model was trained on) and, with the cache, costs one token's compute in between.
+    rest is re-encoded from position 0 (`model.schedule`), so every step sees between n_transit/2 and
+    n_transit tokens (positions the model was trained on) and, with the cache, costs one token's
+    compute in between. Tables call it "AD, window n (drop-half)": it sees n/2..n tokens.
     """
 
     def __init__(self, model: AD, n_envs: int, use_cache: bool = True):
         self.model, self.use_cache = model, use_cache
-        self.keep = model.n_transit // 2
-        self.tokens = None  # [n_envs, T, 5]
+        self.tokens = None  # [n_envs, T, 6]
         self.cache = None
 
     @torch.no_grad()
     def step(self, token: torch.Tensor) -> torch.Tensor:
-        """Append this step's token [n_envs, 5]; return the logits of this step's action [n_envs, A]."""
+        """Append this step's token [n_envs, 6]; return the logits of this step's action [n_envs, A]."""
         m = self.model
         token = token[:, None]
-        if self.tokens is not None and self.tokens.shape[1] == m.n_transit:
-            self.tokens, self.cache = self.tokens[:, -self.keep :], None
+        if self.tokens is not None and m.schedule.compress_now(self.tokens.shape[1]):
+            self.tokens, self.cache = self.tokens[:, m.schedule.chunk :], None
         self.tokens = token if self.tokens is None else torch.cat([self.tokens, token], dim=1)
         if self.use_cache and self.cache is not None:
             x = m.embed(token, start=self.tokens.shape[1] - 1)

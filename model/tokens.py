@@ -1,10 +1,12 @@
 """The context token: one per time step, the previous transition plus the current state.
 
-Token t holds (s_{t-1}, a_{t-1}, r_{t-1}, s'_{t-1}, s_t) and the model predicts a_t from it and from
-everything before it. Every token is therefore both a transition of the history and a query, so the
-loss can be taken at every position. At a stream's first step there is no previous transition: its
-fields are -1 (reward 0). Across an episode boundary s'_{t-1} (where the last episode ended) differs
-from s_t (the start), so both are kept.
+Token t holds (s_{t-1}, a_{t-1}, r_{t-1}, s'_{t-1}, s_t, new_episode_t) and the model predicts a_t
+from it and from everything before it. Every token is therefore both a transition of the history and
+a query, so the loss can be taken at every position. At a stream's first step there is no previous
+transition: its fields are -1 (reward 0). Across an episode boundary s'_{t-1} (where the last
+episode ended) differs from s_t (the new start), and `new_episode` is 1 at the first step of every
+episode: the reset the agent is told of (with random starts, as in Key-to-Door, the jump alone can
+hide it).
 
 States are cell indices of a square grid and are embedded by their normalised (row, col), not as
 one-hot cells: measured on held-out goals (quick preset, 1000 steps), one-hot cells let AD memorise
@@ -19,12 +21,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-PREV_STATE, PREV_ACTION, PREV_REWARD, PREV_NEXT_STATE, STATE = range(5)
-N_FIELDS = 5
+PREV_STATE, PREV_ACTION, PREV_REWARD, PREV_NEXT_STATE, STATE, NEW_EPISODE = range(6)
+N_FIELDS = 6
 
 
-def build_tokens(states, actions, rewards, next_states) -> np.ndarray:
-    """Histories [..., T] -> tokens [..., T, 5] (float32; indices are exact in float32)."""
+def build_tokens(states, actions, rewards, next_states, horizon: int) -> np.ndarray:
+    """Histories [..., T] of whole episodes of `horizon` steps -> tokens [..., T, 6] (float32; indices are exact)."""
     tokens = np.full(states.shape + (N_FIELDS,), -1.0, dtype=np.float32)
     tokens[..., 1:, PREV_STATE] = states[..., :-1]
     tokens[..., 1:, PREV_ACTION] = actions[..., :-1]
@@ -32,7 +34,27 @@ def build_tokens(states, actions, rewards, next_states) -> np.ndarray:
     tokens[..., 1:, PREV_NEXT_STATE] = next_states[..., :-1]
     tokens[..., 0, PREV_REWARD] = 0.0
     tokens[..., STATE] = states
+    tokens[..., NEW_EPISODE] = np.arange(states.shape[-1]) % horizon == 0
     return tokens
+
+
+class TokenStream:
+    """Builds the rollout's tokens step by step, exactly as `build_tokens` builds them from a history."""
+
+    def __init__(self, n_envs: int):
+        self.token = np.full((n_envs, N_FIELDS), -1.0, dtype=np.float32)
+        self.token[:, PREV_REWARD] = 0.0
+
+    def query(self, states: np.ndarray, new_episode: bool) -> np.ndarray:
+        """This step's token (a copy: the caller may keep it) for the current states."""
+        self.token[:, STATE] = states
+        self.token[:, NEW_EPISODE] = float(new_episode)
+        return self.token.copy()
+
+    def record(self, states, actions, rewards, next_states) -> None:
+        """The transition just taken becomes the next token's previous-transition fields."""
+        t = self.token
+        t[:, PREV_STATE], t[:, PREV_ACTION], t[:, PREV_REWARD], t[:, PREV_NEXT_STATE] = states, actions, rewards, next_states
 
 
 def grid_side(n_states: int) -> int:
@@ -43,7 +65,7 @@ def grid_side(n_states: int) -> int:
 
 
 def token_dim(n_states: int, n_actions: int) -> int:
-    return 3 * 2 + n_actions + 1 + 1
+    return 3 * 2 + n_actions + 1 + 1 + 1
 
 
 def _coords(index: torch.Tensor, side: int) -> torch.Tensor:
@@ -52,8 +74,9 @@ def _coords(index: torch.Tensor, side: int) -> torch.Tensor:
 
 
 def token_features(tokens: torch.Tensor, n_states: int, n_actions: int) -> torch.Tensor:
-    """tokens [..., 5] -> features [..., token_dim] for `embed_context`: (row, col) of s, s' and the
-    current state, one-hot previous action, previous reward, and a flag for "has a previous transition"."""
+    """tokens [..., 6] -> features [..., token_dim] for `embed_context`: (row, col) of s, s' and the
+    current state, one-hot previous action, previous reward, and flags for "has a previous transition"
+    and "first step of an episode"."""
     side = grid_side(n_states)
     has_prev = (tokens[..., PREV_ACTION] >= 0).float()
     prev_action = F.one_hot(tokens[..., PREV_ACTION].long().clamp(min=0), n_actions).float() * has_prev[..., None]
@@ -64,11 +87,12 @@ def token_features(tokens: torch.Tensor, n_states: int, n_actions: int) -> torch
         _coords(tokens[..., PREV_NEXT_STATE], side) * has_prev[..., None],
         _coords(tokens[..., STATE], side),
         has_prev[..., None],
+        tokens[..., NEW_EPISODE : NEW_EPISODE + 1].float(),
     ], dim=-1)
 
 
 def random_tokens(shape: tuple, n_states: int, n_actions: int, seed: int = 0) -> torch.Tensor:
-    """Synthetic tokens [*shape, 5] with every field in its valid range (tests and benchmarks)."""
+    """Synthetic tokens [*shape, 6] with every field in its valid range (tests and benchmarks)."""
     g = torch.Generator().manual_seed(seed)
-    highs = (n_states, n_actions, 2, n_states, n_states)  # per field, in field order
+    highs = (n_states, n_actions, 2, n_states, n_states, 2)  # per field, in field order
     return torch.stack([torch.randint(0, h, tuple(shape), generator=g) for h in highs], dim=-1).float()

@@ -1,10 +1,15 @@
-"""CompressedAD against AD with a short and a long window: same data, same seeds, held-out goals.
+"""CompressedAD against AD with short and long windows: same data, same seeds, same evaluation draws.
 
-    python scripts/compare_context.py --seeds 0 1 2 [extra hydra overrides]
+    python scripts/compare_context.py --seeds 0 1 2                       # Darkroom
+    python scripts/compare_context.py --env dark_key_to_door --seeds 0 1 2
+    python scripts/compare_context.py --seeds 0 --splits val              # a choice: validation tasks only
 
-Trains (quick preset) AD with a window equal to CompressedAD's uncompressed part (n_transit=40), AD
-with a long window (n_transit=240), and CompressedAD, evaluates each on the held-out goals for 100
-episodes, and writes runs/compare-context/table.md and curves.png.
+Trains every variant (quick preset) for every seed (finished runs are reused), evaluates it in context
+for 100 episodes on each split (`val` for choices, `test` for the report), runs CompressedAD's memory
+tests (clear / transplant / truncate to 1 chunk) on the same splits, and with --long-episodes also
+a longer rollout of CompressedAD (drift). Writes runs/compare-<env>/table-<split>.md and
+curves-<split>.png. Every figure is the mean over seeds; last10 carries a 95% interval over tasks
+(the same resampled tasks for every seed) and the spread over seeds (± std).
 """
 from __future__ import annotations
 
@@ -15,57 +20,133 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a file: python scripts/<name>.py
-from scripts.runs import ROOT, eval_result, mean_pm, run, scalars, write_table
+from scripts.runs import ROOT, eval_result, last10_over_seeds, mean_pm, median_never, run, scalars, write_table  # noqa: E402
 
-# run-name slug -> (label, overrides)
+# per env: run-name slug -> (label, train.py overrides). AD's window is drop-half: window n sees n/2..n tokens.
 VARIANTS = {
-    "ad-w40": ("AD, window 40", ["model=ad_dr", "model.n_transit=40"]),
-    "ad-w240": ("AD, window 240", ["model=ad_dr", "model.n_transit=240", "model.train_batch_size=16"]),
-    "compressed-ad": ("CompressedAD", ["model=ad_compressed_dr"]),
+    "darkroom": {
+        "ad-w40": ("AD, window 40 (drop-half: 20-40 tokens)", ["model=ad_dr", "model.n_transit=40"]),
+        "compressed-ad": ("CompressedAD (stream)", ["model=ad_compressed_dr"]),
+        "compressed-ad-chains": ("CompressedAD (chains, earlier recipe)", ["model=ad_compressed_dr_chains"]),
+        "ad-w240": ("AD, window 240 (drop-half: 120-240 tokens)", ["model=ad_dr", "model.n_transit=240",
+                                                                   "model.train_batch_size=16"]),
+    },
+    "dark_key_to_door": {
+        "ad-w40": ("AD, window 40 (drop-half: 20-40 tokens)", ["model=ad_dktd", "model.n_transit=40"]),
+        "ad-w50": ("AD, window 50 = 1 episode (drop-half: 25-50)", ["model=ad_dktd", "model.n_transit=50"]),
+        "compressed-ad": ("CompressedAD (stream)", ["model=ad_compressed_dktd"]),
+        "ad-w200": ("AD, window 200 = 4 episodes (drop-half: 100-200)", ["model=ad_dktd", "model.n_transit=200",
+                                                                          "model.train_batch_size=16"]),
+    },
 }
+MEMORY_TESTS = (("clear", ["memory=clear"]), ("transplant", ["memory=transplant"]),
+                ("truncate1", ["memory=truncate", "memory_chunks=1"]))
+
+
+def summarise(name: str, results: list[dict], memory: dict, train: list[dict], env: str) -> list[str]:
+    """One table row: figures averaged over seeds."""
+    r0 = results[0]
+    row = [name, last10_over_seeds(results), mean_pm([r["mean_task_fraction_last10"] for r in results]),
+           mean_pm([r["fraction_of_optimal_first10"] for r in results]), median_never([r["episodes_to_80pct"] for r in results]),
+           mean_pm([r["miss_rate_after_first_success"] for r in results])]
+    if env == "dark_key_to_door":
+        row += [mean_pm([r["key_rate"] for r in results]), mean_pm([r["door_rate"] for r in results])]
+    for test, _ in MEMORY_TESTS:  # the drop in last10 when the memory is altered (same draws, same tasks)
+        if memory.get(test):
+            row.append(mean_pm([r["fraction_of_optimal_last10"] - m["fraction_of_optimal_last10"]
+                                for r, m in zip(results, memory[test])], 2))
+        else:
+            row.append("-")
+    held = [r.get("held_out", {}) for r in results]
+    if all("memory_value/chunks1" in h for h in held):  # held-out loss with 1 chunk minus with 8 chunks: > 0 = older chunks help
+        row.append(mean_pm([h["memory_value/chunks1"] - h["memory_value/chunks8"] for h in held], 2))
+    else:
+        row.append("-")
+    row += [mean_pm([t["seconds"] for t in train]), mean_pm([t["targets_per_second"] for t in train]),
+            mean_pm([1e3 * r["seconds_per_env_step"] / (r["n_envs_per_task"] * len(r["tasks"])) for r in results]),
+            mean_pm([r.get("n_compressions") for r in results]) if "n_compressions" in r0 else "-"]
+    return row
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env", default="darkroom", choices=sorted(VARIANTS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS))
-    p.add_argument("--out", default="runs/compare-context")
+    p.add_argument("--variants", nargs="+", default=None, help="slugs of VARIANTS[env] (default: all)")
+    p.add_argument("--splits", nargs="+", default=["val", "test"], choices=["val", "test"])
+    p.add_argument("--long-episodes", type=int, default=0, help="also roll CompressedAD out this long on the last split (drift)")
+    p.add_argument("--out", default=None, help="default: runs/compare-<env>")
     args, extra = p.parse_known_args()
-    out = ROOT / args.out
+    variants = VARIANTS[args.env]
+    slugs = args.variants or list(variants)
+    out = ROOT / (args.out or f"runs/compare-{args.env}")
     out.mkdir(parents=True, exist_ok=True)
-    run("collect.py", "experiment=quick", *extra)
-    rows, curves = [], {}
-    for slug in args.variants:
-        name, overrides = VARIANTS[slug]
-        results = []
+    env = [f"env={args.env}"]
+    run("collect.py", "experiment=quick", *env, *extra)
+    table = {split: [] for split in args.splits}
+    curves = {split: {} for split in args.splits}
+    long_rows = []
+    for slug in slugs:
+        label, overrides = variants[slug]
+        results = {split: [] for split in args.splits}
+        memory = {split: {test: [] for test, _ in MEMORY_TESTS} for split in args.splits}
+        train, long_results = [], []
         for seed in args.seeds:
-            run_name = f"compare-{slug}-seed{seed}"
-            run_dir = ROOT / "runs" / run_name
-            if not (run_dir / "checkpoint-final.pt").is_file():  # finished runs are reused
-                run("train.py", "experiment=quick", *overrides, f"seed={seed}", f"run_name={run_name}", "eval_interval=0", *extra)
-            # train.py's final evaluation wrote eval/test.json; evaluations by older code lack newer metrics
-            done = (run_dir / "eval" / "test.json").is_file() and "miss_rate_after_first_success" in eval_result(run_dir)
-            if not done:
-                run("evaluate.py", f"checkpoint={run_dir / 'checkpoint-final.pt'}", "n_episodes=100")
-            r = eval_result(run_dir)
-            _, sec = scalars(run_dir, "train/seconds_per_step")
-            results.append({**r, "train_seconds_per_step": float(sec[-1]) if len(sec) else None})
-        curves[name] = np.mean([r["fraction_of_optimal_per_episode"] for r in results], axis=0)
-        rows.append([
-            name, mean_pm([r["fraction_of_optimal_last10"] for r in results]),
-            mean_pm([r["episodes_to_80pct"] for r in results]) if all(r["episodes_to_80pct"] is not None for r in results)
-            else f"{mean_pm([r['episodes_to_80pct'] for r in results])} ({sum(r['episodes_to_80pct'] is None for r in results)} never)",
-            mean_pm([r["area_under_curve"] for r in results]),
-            mean_pm([1000 * r["train_seconds_per_step"] for r in results]),
-            mean_pm([1000 * r["seconds_per_env_step"] / (r["n_envs_per_goal"] * len(r["goals"])) for r in results]),
-            mean_pm([r.get("n_compressions") for r in results]) if "n_compressions" in results[0] else "-",
-            mean_pm([r["miss_rate_after_first_success"] for r in results]),
-        ])
-    header = ["model", "fraction_of_optimal_last10", "episodes to 80%", "area under curve", "train ms/step",
-              "eval ms per env step", "compressions", "miss rate after first success"]
-    note = f"\n\nQuick preset, held-out goals (8 x 32 envs, 100 episodes), seeds {args.seeds}; mean ± std over seeds.\n"
-    write_table(out / "table.md", header, rows, note)
+            run_dir = ROOT / "runs" / f"compare-{args.env}-{slug}-seed{seed}"
+            ckpt = run_dir / "checkpoint-final.pt"
+            if not ckpt.is_file():  # finished runs are reused
+                run("train.py", "experiment=quick", *env, *overrides, f"seed={seed}", f"run_name={run_dir.name}",
+                    "eval_interval=0", f"final_eval_splits=[{','.join(args.splits)}]", *extra)
+            steps, sec = scalars(run_dir, "train/seconds_per_step")
+            _, targets = scalars(run_dir, "train/targets_per_step")
+            train.append({"seconds": float(sec[-1] * steps[-1]), "targets_per_second": float(targets.mean() / sec[-1])})
+            compressed = "compressed" in slug
+            for split in args.splits:
+                if not (run_dir / "eval" / f"{split}.json").is_file():
+                    run("evaluate.py", f"checkpoint={ckpt}", f"split={split}")
+                results[split].append(eval_result(run_dir, split))
+                for test, flags in (MEMORY_TESTS if compressed else ()):
+                    name = f"{split}-memory-{test}"
+                    if not (run_dir / "eval" / f"{name}.json").is_file():
+                        run("evaluate.py", f"checkpoint={ckpt}", f"split={split}", *flags)
+                    memory[split][test].append(eval_result(run_dir, name))
+            if compressed and args.long_episodes:
+                split = args.splits[-1]
+                name = f"{split}-{args.long_episodes}ep"
+                if not (run_dir / "eval" / f"{name}.json").is_file():
+                    run("evaluate.py", f"checkpoint={ckpt}", f"split={split}", f"n_episodes={args.long_episodes}", f"name={name}",
+                        "held_out_streams_per_task=0")
+                long_results.append((results[split][-1], eval_result(run_dir, name)))
+        for split in args.splits:
+            table[split].append(summarise(label, results[split], memory[split], train, args.env))
+            curves[split][label] = np.mean([r["fraction_of_optimal_per_episode"] for r in results[split]], axis=0)
+        if long_results:
+            long_rows.append([label, mean_pm([a["fraction_of_optimal_last10"] for a, _ in long_results]),
+                              mean_pm([b["fraction_of_optimal_last10"] for _, b in long_results]),
+                              mean_pm([b["fraction_of_optimal_last10"] - a["fraction_of_optimal_last10"] for a, b in long_results], 2),
+                              mean_pm([b.get("n_compressions") for _, b in long_results])])
 
+    header = ["model", "last10 [95% CI over tasks] ± seed std", "mean of per-task fractions", "first10",
+              "episodes to 80% (median)", "miss rate after first success"]
+    if args.env == "dark_key_to_door":
+        header += ["key taken (last10)", "door reached (last10)"]
+    header += ["clear costs", "transplant costs", "truncate-1 costs", "memory value: loss@1 chunk - loss@8",
+               "train wall s", "train targets/s", "eval ms per env step", "compressions"]
+    for split in args.splits:
+        r = eval_result(ROOT / "runs" / f"compare-{args.env}-{slugs[0]}-seed{args.seeds[0]}", split)
+        note = (f"\n\n{args.env}, quick preset, {split} tasks ({len(r['tasks'])} x {r['n_envs_per_task']} envs, "
+                f"{r['n_episodes']} episodes; mean optimal return {r['mean_optimal_return']:.2f}), training seeds {args.seeds}: "
+                f"mean over seeds. '[lo, hi]' resamples tasks (95%), '±' is the std over seeds. Memory tests: last10 "
+                f"drop when the latents are altered after every compression, same tasks and draws.\n")
+        write_table(out / f"table-{split}.md", header, table[split], note)
+        plot(curves[split], out / f"curves-{split}.png", f"{args.env}, {split} tasks, seeds {args.seeds}")
+    if long_rows:
+        write_table(out / "table-long.md", ["model", "last10 of 100", f"last10 of {args.long_episodes}", "change",
+                                            "compressions"], long_rows,
+                    f"\n\n{args.splits[-1]} tasks, the same rollouts continued; drift shows as a negative change.\n")
+
+
+def plot(curves: dict, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,10 +157,12 @@ def main() -> None:
         ax.plot(c, label=name)
     ax.axhline(1.0, color="k", linestyle="--", label="optimal")
     ax.set_xlabel("episode in context")
-    ax.set_ylabel("fraction of optimal return (held-out)")
-    ax.legend()
+    ax.set_ylabel("fraction of optimal return")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=100)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

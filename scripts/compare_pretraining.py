@@ -3,9 +3,9 @@
     python scripts/compare_pretraining.py --seeds 0 1 [extra hydra overrides]
 
 Quick preset, same data and seeds. Per seed: one stage-1 run, then three stage-2 runs. Writes
-runs/compare-pretraining/table.md (steps to reach an action-loss threshold, final held-out
-fraction_of_optimal_last10, wall time of each stage) and curves.png (action loss and held-out
-return against training step).
+runs/compare-pretraining/table.md (steps to reach an action-loss threshold, fraction_of_optimal_last10
+on the validation and the test tasks with 95% intervals over tasks and the spread over seeds, wall
+time of each stage) and curves.png (action loss and validation return against training step).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a file: python scripts/<name>.py
-from scripts.runs import ROOT, eval_result, first_step_below, mean_pm, run, scalars, write_table
+from scripts.runs import ROOT, eval_result, first_step_below, last10_over_seeds, mean_pm, run, scalars, write_table
 
 VARIANTS = {
     "scratch": ("from scratch", []),
@@ -52,19 +52,20 @@ def main() -> None:
             results[slug].append({
                 "run_dir": run_dir,
                 "steps_to_threshold": first_step_below(run_dir, "train/loss_action", args.loss_threshold),
-                "final": eval_result(run_dir)["fraction_of_optimal_last10"],
+                "val": eval_result(run_dir, "val"), "test": eval_result(run_dir, "test"),
                 "seconds": float(sec[-1] * steps[-1]) if len(sec) else None,
             })
-    header = ["variant", f"steps to train/loss_action <= {args.loss_threshold}", "held-out fraction_of_optimal_last10",
-              "stage-1 wall time (s)", "stage-2 wall time (s)"]
+    header = ["variant", f"steps to train/loss_action <= {args.loss_threshold}", "val last10 [95% CI] ± seed std",
+              "test last10 [95% CI] ± seed std", "stage-1 wall time (s)", "stage-2 wall time (s)"]
     rows = []
     for slug, (label, _) in VARIANTS.items():
         rs = results[slug]
         never = sum(r["steps_to_threshold"] is None for r in rs)
         rows.append([label, mean_pm([r["steps_to_threshold"] for r in rs]) + (f" ({never} never)" if never else ""),
-                     mean_pm([r["final"] for r in rs]), "0" if slug == "scratch" else mean_pm(stage1_seconds),
-                     mean_pm([r["seconds"] for r in rs])])
-    note = f"\n\nQuick preset, seeds {args.seeds}, held-out goals (8 x 32 envs, 100 episodes); mean ± std over seeds.\n"
+                     last10_over_seeds([r["val"] for r in rs]), last10_over_seeds([r["test"] for r in rs]),
+                     "0" if slug == "scratch" else mean_pm(stage1_seconds), mean_pm([r["seconds"] for r in rs])])
+    note = (f"\n\nQuick preset, seeds {args.seeds}, 8 val / 8 test goals x 32 envs, 100 episodes; mean over seeds, "
+            f"[95% interval over goals], ± std over seeds.\n")
     write_table(out / "table.md", header, rows, note)
 
     import matplotlib
@@ -77,13 +78,13 @@ def main() -> None:
         for i, r in enumerate(results[slug]):
             s, v = scalars(r["run_dir"], "train/loss_action")
             ax1.plot(s, v, color=f"C{list(VARIANTS).index(slug)}", alpha=0.8, label=label if i == 0 else None)
-            s, v = scalars(r["run_dir"], "eval/fraction_of_optimal_last10")
+            s, v = scalars(r["run_dir"], "eval/fraction_of_optimal_last10")  # validation goals
             ax2.plot(s, v, "o-", color=f"C{list(VARIANTS).index(slug)}", alpha=0.8, label=label if i == 0 else None)
     ax1.set_xlabel("training step")
     ax1.set_ylabel("train/loss_action")
     ax1.axhline(args.loss_threshold, color="k", linestyle=":")
     ax2.set_xlabel("training step")
-    ax2.set_ylabel("held-out fraction of optimal (last 10 of 100 episodes)")
+    ax2.set_ylabel("validation fraction of optimal (last 10 of 100 episodes)")
     ax1.legend()
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=100)

@@ -1,4 +1,5 @@
-"""Helpers for the comparison scripts: run a stage as a subprocess, read back its curves and results."""
+"""Helpers for the comparison scripts: run a stage as a subprocess, read back its curves and results,
+and summarise results over training seeds with intervals over tasks."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from evaluate import bootstrap_ratio  # noqa: E402
 
 
 def run(script: str, *overrides: str) -> float:
@@ -42,17 +45,39 @@ def first_step_below(run_dir: Path, tag: str, threshold: float) -> int | None:
     return int(steps[hits[0]]) if len(hits) else None
 
 
-def eval_result(run_dir: Path, split: str = "test") -> dict:
-    return json.loads((Path(run_dir) / "eval" / f"{split}.json").read_text())
+def eval_result(run_dir: Path, name: str = "test") -> dict:
+    return json.loads((Path(run_dir) / "eval" / f"{name}.json").read_text())
 
 
-def mean_pm(values) -> str:
+def mean_pm(values, digits: int = 3) -> str:
+    """mean ± std over training seeds (std with ddof 1); '-' when there is nothing."""
     values = [v for v in values if v is not None]
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.3g}"
-    return f"{np.mean(values):.3g} ± {np.std(values, ddof=1):.2g}"
+        return f"{values[0]:.{digits}g}"
+    return f"{np.mean(values):.{digits}g} ± {np.std(values, ddof=1):.2g}"
+
+
+def median_never(values: list) -> str:
+    """Median over seeds where a seed that never gets there counts as infinitely late, plus how many never did."""
+    never = sum(v is None for v in values)
+    finite = sorted(v for v in values if v is not None)
+    ranked = finite + [np.inf] * never
+    median = np.median(ranked) if ranked else np.inf
+    text = "never" if not np.isfinite(median) else f"{median:.0f}"
+    return text + (f" ({never} of {len(values)} never)" if never else "")
+
+
+def last10_over_seeds(results: list[dict]) -> str:
+    """The seed-mean of fraction_of_optimal_last10 with a 95% interval over tasks (the same resampled tasks
+    for every seed), and the spread over seeds: 'mean [lo, hi] ± seed std'."""
+    per_task = np.stack([np.asarray(r["returns"])[:, -10:].mean(axis=1) for r in results])  # [seeds, tasks]
+    optimal = np.asarray(results[0]["optimal_return"])
+    lo, hi = bootstrap_ratio(per_task, optimal)
+    values = [r["fraction_of_optimal_last10"] for r in results]
+    spread = f" ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else ""
+    return f"{np.mean(values):.3f} [{lo:.2f}, {hi:.2f}]{spread}"
 
 
 def write_table(path: Path, header: list[str], rows: list[list[str]], note: str = "") -> None:

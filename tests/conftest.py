@@ -15,18 +15,20 @@ sys.path.insert(0, str(ROOT))
 # sizes small enough for a unit test; every script accepts these overrides
 TINY = [
     "experiment=quick",
-    "algorithm.n_streams_per_goal=2",
+    "algorithm.n_streams_per_task=2",
     "algorithm.n_episodes=10",
     "eval.n_episodes=3",
-    "eval.n_envs_per_goal=2",
+    "eval.n_envs_per_task=2",
+    "eval.held_out_streams_per_task=1",
 ]
 TINY_TRAIN = {
     "ad_dr": ["model=ad_dr", "model.n_transit=20", "model.train_timesteps=6", "model.train_batch_size=4",
-              "model.tf_n_layer=1", "log_interval=2", "eval_interval=0", "save_interval=3", "test_loss_batches=1"],
-    "ad_compressed_dr": ["model=ad_compressed_dr", "model.max_compression_depth=3", "model.train_timesteps=6", "model.train_batch_size=4",
-                         "model.tf_n_layer=1", "model.encoder_n_layer=1", "log_interval=2", "eval_interval=0",
-                         "save_interval=3", "test_loss_batches=1"],
+              "model.tf_n_layer=1", "log_interval=2", "eval_interval=0", "save_interval=3"],
+    "ad_compressed_dr": ["model=ad_compressed_dr", "model.train_timesteps=6", "model.train_batch_size=4",
+                         "model.stream_span_segments=2", "model.tf_n_layer=1", "model.encoder_n_layer=1", "log_interval=2",
+                         "eval_interval=0", "save_interval=3"],
 }
+TINY_TRAIN["ad_compressed_dr_chains"] = TINY_TRAIN["ad_compressed_dr"] + ["model.training_mode=chains", "model.max_compression_depth=3"]
 
 
 def compose_cfg(config_name: str, overrides: list[str]):

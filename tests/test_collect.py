@@ -7,27 +7,62 @@ import pytest
 from algorithm.q_learning import greedy_random_tiebreak, run_q_learning
 from collect import collect
 from dataset import DatasetError, histories_dir, load_histories
-from env import optimal_return, split_goals
+from env import make_env_spec
 from tests.conftest import TINY, compose_cfg
 
 SOURCE = dict(n_episodes=40, gamma=0.9, alpha=1.0, q_init=6.0, epsilon_start=0.1, epsilon_end=0.0,
               epsilon_decay_episodes=40, n_replay_sweeps=3)
 
 
+def darkroom():
+    return make_env_spec(compose_cfg("collect", []).env)
+
+
 def test_source_learning_curve_rises():
-    train, _ = split_goals(9, 0.9, 0)
-    goals = np.repeat(train, 4, axis=0)
-    out = run_q_learning(goals, 9, 20, SOURCE, np.random.default_rng(0))
-    optimal = np.array([optimal_return(g, 9, 20) for g in goals]).mean()
-    curve = out["episode_returns"].mean(0) / optimal
+    spec = darkroom()
+    goals = np.repeat(spec.tasks("train"), 4, axis=0)
+    out = run_q_learning(spec, goals, SOURCE, np.random.default_rng(0))
+    curve = out["episode_returns"].mean(0) / spec.optimal_returns(goals).mean()
     assert curve[:3].mean() < 0.2  # starts near random
     assert curve[-5:].mean() > 0.85  # and learns
-    assert out["states"].shape == (len(goals), 40 * 20)
+    assert out["states"].shape == (len(goals), 40 * 20) and not out["lapse"].any()
+
+
+def test_key_to_door_source_learning_curve_rises():
+    """Q-learning over (cell, holds key) with the env file's settings learns Key-to-Door within 100 episodes."""
+    cfg = compose_cfg("collect", ["env=dark_key_to_door"])
+    spec = make_env_spec(cfg.env)
+    tasks = np.repeat(spec.tasks("train")[:60], 2, axis=0)
+    out = run_q_learning(spec, tasks, {**cfg.algorithm, "n_episodes": 100}, np.random.default_rng(0))
+    curve = out["episode_returns"].mean(0) / 2.0
+    assert curve[:5].mean() < 0.35  # starts far from optimal
+    assert curve[25:35].mean() > curve[:5].mean() + 0.3 and curve[-10:].mean() > 0.9  # and learns
+    assert (out["rewards"].reshape(len(tasks), 100, 50).sum(-1) <= 2).all()
+
+
+def test_lapses_are_random_episodes_flagged_and_followed_by_a_return_to_the_goal():
+    spec = darkroom()
+    goals = np.repeat(spec.tasks("train")[:20], 8, axis=0)
+    cfg = {**SOURCE, "n_episodes": 60, "lapse_prob": 0.2, "lapse_after_episodes": 30, "lapse_max_episodes": 2}
+    out = run_q_learning(spec, goals, cfg, np.random.default_rng(0))
+    lapse = out["lapse"].reshape(len(goals), 60, 20)
+    assert (lapse == lapse[..., :1]).all()  # whole episodes
+    episode_lapse = lapse[..., 0]
+    assert not episode_lapse[:, :30].any() and 0.1 < episode_lapse[:, 30:].mean() < 0.4
+    runs = np.diff(np.concatenate([np.zeros((len(goals), 1)), episode_lapse, np.zeros((len(goals), 1))], 1).astype(int), axis=1)
+    lengths = np.nonzero(runs == -1)[1] - np.nonzero(runs == 1)[1]
+    assert lengths.max() <= 2  # never two lapses back to back
+    frac = out["episode_returns"] / spec.optimal_returns(goals)[:, None]
+    after = np.zeros_like(episode_lapse)
+    after[:, 1:] = episode_lapse[:, :-1] & ~episode_lapse[:, 1:]
+    assert frac[episode_lapse].mean() < 0.2 and frac[after].mean() > 0.8  # random, then back to the goal
+    plain = run_q_learning(spec, goals, {**SOURCE, "n_episodes": 60}, np.random.default_rng(0))
+    assert (plain["actions"][:, : 30 * 20] == out["actions"][:, : 30 * 20]).all()  # lapses draw from their own generator
 
 
 def test_next_state_equals_following_state_within_episodes():
     goals = np.array([[0, 0], [8, 8], [4, 4]])
-    out = run_q_learning(goals, 9, 20, SOURCE, np.random.default_rng(1))
+    out = run_q_learning(darkroom(), goals, SOURCE, np.random.default_rng(1))
     s = out["states"].reshape(3, 40, 20)
     s2 = out["next_states"].reshape(3, 40, 20)
     assert (s2[:, :, :-1] == s[:, :, 1:]).all()
@@ -48,8 +83,9 @@ def test_collect_saves_skips_and_detects_bad_data(tmp_path, capsys):
     meta = json.loads((path / "metadata.json").read_text())
     assert meta["config"]["env"]["grid_size"] == 9 and len(meta["learning_curve"]["train"]) == 10
     train = load_histories(cfg, "train")
-    assert train["states"].shape == (73, 2, 200) and train["goals"].shape == (73, 2)
+    assert train["states"].shape == (65, 2, 200) and train["tasks"].shape == (65, 2) and train["horizon"] == 20
     assert load_histories(cfg, "test")["states"].shape == (8, 2, 200)
+    assert (load_histories(cfg, "val")["tasks"] == make_env_spec(cfg.env).tasks("val")).all()
 
     stamp = (path / "train.npz").stat().st_mtime_ns
     collect(cfg)

@@ -2,38 +2,93 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from dataset import ADCompressedDataset, ADDataset, collate_batched, collate_compressed_batch, hashed_ints
-from model.tokens import PREV_ACTION, PREV_STATE, STATE, build_tokens
+from dataset import (ADCompressedDataset, ADDataset, ADStreamDataset, collate_batched, collate_compressed_batch,
+                     stream_tokens)
+from model.schedule import CompressionSchedule
+from model.tokens import NEW_EPISODE, PREV_ACTION, PREV_STATE, STATE, TokenStream, build_tokens
+from utils.hashing import hashed_ints
 
 
-def labelled_histories(n_goals=3, n_streams=4, T=200):
+def labelled_histories(n_goals=3, n_streams=4, T=200, horizon=20):
     """Histories whose states encode (stream id, time): state = stream_id * 1000 + t."""
     G, S = n_goals, n_streams
     stream_id = np.arange(G * S).reshape(G, S, 1)
     t = np.arange(T).reshape(1, 1, T)
     states = (stream_id * 1000 + t).astype(np.int64)
     return {"states": states, "next_states": states + 1, "actions": (states % 5).astype(np.int8),
-            "rewards": np.zeros(states.shape, np.float32), "goals": np.zeros((G, 2), np.int64)}
+            "rewards": np.zeros(states.shape, np.float32), "tasks": np.zeros((G, 2), np.int64), "horizon": horizon}
 
 
-def test_tokens_carry_previous_transition_and_current_state():
-    s = np.array([[3, 4, 5]])
-    tokens = build_tokens(s, np.array([[1, 2, 0]]), np.array([[0.0, 1.0, 0.0]]), np.array([[4, 9, 6]]))
-    assert tokens[0, 0].tolist() == [-1, -1, 0, -1, 3]  # no previous transition at the stream's start
-    assert tokens[0, 2].tolist() == [4, 2, 1, 9, 5]
+def test_tokens_carry_previous_transition_current_state_and_episode_start():
+    s = np.array([[3, 4, 5, 6]])
+    a, r, s2 = np.array([[1, 2, 0, 3]]), np.array([[0.0, 1.0, 0.0, 0.0]]), np.array([[4, 9, 6, 7]])
+    tokens = build_tokens(s, a, r, s2, horizon=2)
+    assert tokens[0, 0].tolist() == [-1, -1, 0, -1, 3, 1]  # no previous transition at the stream's start
+    assert tokens[0, 2].tolist() == [4, 2, 1, 9, 5, 1]  # an episode begins at step 2
+    assert tokens[0, 3, NEW_EPISODE] == 0
+    # the rollout's step-by-step tokens are the same
+    stream = TokenStream(1)
+    online = []
+    for t in range(4):
+        online.append(stream.query(s[:, t], new_episode=t % 2 == 0))
+        stream.record(s[:, t], a[:, t], r[:, t], s2[:, t])
+    assert (np.concatenate(online) == tokens[0]).all()
+
+
+def test_lapse_steps_are_context_but_never_targets():
+    h = labelled_histories(T=40)
+    h["lapse"] = np.zeros(h["states"].shape, bool)
+    h["lapse"][:, :, 20:40] = True
+    tokens, targets = stream_tokens(h)
+    assert (targets[:, 20:] == -100).all() and (targets[:, :20] >= 0).all()
+    assert (tokens[:, 21:, PREV_ACTION] >= 0).all()  # the lapse's actions are still in the context
 
 
 def test_ad_windows_never_cross_streams_and_align_targets():
     ds = ADDataset(labelled_histories(), n_transit=50)
-    assert len(ds) == 12 * (200 - 50 + 1)
+    assert len(ds) == 12 * (200 + 50 - 1)
     batch = ds.__getitems__(np.arange(len(ds))[::37])
+    valid = batch["target_actions"] != -100
     states = batch["tokens"][..., STATE].long()
     stream = states // 1000
     assert (stream == stream[:, :1]).all()  # one stream per window
-    assert ((states[:, 1:] - states[:, :-1]) == 1).all()  # consecutive steps
-    assert (batch["target_actions"] == states % 5).all()  # target = this step's action
+    assert ((states[:, 1:] - states[:, :-1])[valid[:, 1:]] == 1).all()  # consecutive steps
+    assert (batch["target_actions"][valid] == (states % 5)[valid]).all()  # target = this step's action
+    assert valid[:, 0].all() and (valid[:, :-1] >= valid[:, 1:]).all()  # padding only at a window's end
     # the token's previous action is the previous step's target
-    assert (batch["tokens"][:, 1:, PREV_ACTION].long() == batch["target_actions"][:, :-1]).all()
+    both = valid[:, 1:]
+    assert (batch["tokens"][:, 1:, PREV_ACTION].long()[both] == batch["target_actions"][:, :-1][both]).all()
+
+
+def target_density(ds, T: int) -> np.ndarray:
+    """How often each stream position is a target, over every sample of the dataset (stream 0 only)."""
+    idx = np.arange(ds.n_starts)  # the samples of stream 0
+    batch = ds.__getitems__(idx)
+    if "chunks" in batch:  # chains: tokens are the uncompressed part only
+        t = batch["tokens"][..., STATE].long() % 1000
+    else:
+        t = torch.arange(batch["target_actions"].shape[1]).expand_as(batch["target_actions"])
+        if "first_segment" not in batch:
+            t = batch["tokens"][..., STATE].long() % 1000
+    return np.bincount(t[batch["target_actions"] != -100].numpy(), minlength=T)
+
+
+def test_target_density_is_uniform_over_the_stream_for_every_dataset():
+    """The first episodes (where first10 and episodes-to-80% are measured) train as often as the interior."""
+    T, h = 600, labelled_histories(n_goals=1, n_streams=1, T=600)
+    datasets = {
+        "AD": ADDataset(h, n_transit=100),
+        "CompressedAD stream": ADStreamDataset(h, CompressionSchedule(window=40, chunk=20), span_segments=4),
+        "CompressedAD stream, 4 kept": ADStreamDataset(h, CompressionSchedule(window=40, chunk=36), span_segments=8),
+        "CompressedAD chains": ADCompressedDataset(h, 8, 20, 40, 20, 40, seed=1),
+    }
+    for name, ds in datasets.items():
+        density = target_density(ds, T).astype(float)
+        interior = density[200:400].mean()
+        for a, b in ((0, 20), (20, 40), (40, 100)):  # first episode, second episode, steps 40-100
+            assert 0.5 <= density[a:b].mean() / interior <= 2.0, (name, a, b, density[a:b].mean() / interior)
+        if not name.endswith("chains"):  # exact by construction: every step is a target equally often
+            assert density.min() == density.max(), name
 
 
 def test_compressed_samples_respect_ranges_and_streams():
@@ -55,6 +110,8 @@ def test_compressed_samples_respect_ranges_and_streams():
         n_unc = int((batch["target_actions"][b] != -100).sum())
         pieces.append(batch["tokens"][b, :n_unc, STATE])
         states = torch.cat(pieces).long()
+        if not len(states):  # a part cut away entirely at the stream's start
+            continue
         assert (states // 1000 == states[0] // 1000).all()  # one stream
         assert ((states[1:] - states[:-1]) == 1).all()  # chunks then uncompressed part: contiguous
     # deterministic: same index, same sample
@@ -77,12 +134,35 @@ def test_every_depth_covers_the_whole_stream():
 
 def test_collate_trims_to_the_batch():
     ds = ADCompressedDataset(labelled_histories(T=300), 3, 5, 9, 4, 7, seed=0)
-    idx = np.nonzero(ds.sample_layout(np.arange(len(ds)))[0] <= 1)[0][:8]
+    idx = np.nonzero(ds.sample_layout(np.arange(len(ds)))[0] <= 1)[0]
+    idx = idx[idx % ds.n_starts > 100][:8]  # away from the stream's start, where chains are cut
     batch = collate_compressed_batch(ds.__getitems__(idx))
     assert batch["chunks"].shape[1] == int(batch["depth"].max()) <= 1
     assert batch["chunks"].shape[2] == max(1, int(batch["chunk_lengths"].max()))
     assert batch["tokens"].shape[1] == int((batch["target_actions"] != -100).sum(1).max())
-    assert batch["depth_histogram"].tolist()[:2] == torch.bincount(batch["depth"], minlength=4).tolist()[:2]
+
+
+def test_stream_spans_never_cross_streams_and_cover_every_stream_whole():
+    h = labelled_histories(n_goals=2, n_streams=3, T=300)
+    schedule = CompressionSchedule(window=40, chunk=36)
+    ds = ADStreamDataset(h, schedule, span_segments=3)
+    seg = schedule.segments(300)
+    assert ds.n_segments == seg.n_compressions + 1 == 9 and len(ds) == 6 * (9 + 2)
+    batch = ds.__getitems__(np.arange(len(ds)))
+    states = batch["tokens"][..., STATE].long()
+    assert (states // 1000 == states[:, :1] // 1000).all() and ((states % 1000) == torch.arange(300)).all()
+    covered = {}
+    for b in range(len(ds)):
+        stream = int(states[b, 0]) // 1000
+        targets = torch.nonzero(batch["target_actions"][b] != -100).squeeze(1)
+        first, n = int(batch["first_segment"][b]), int(batch["n_segments"][b])
+        assert 1 <= n <= 3 and 0 <= first and first + n <= 9
+        # the targets are exactly the tokens of segments first .. first + n - 1
+        assert targets.tolist() == list(range(seg.first_target[first], seg.end[first + n - 1]))
+        assert (batch["target_actions"][b, targets] == states[b, targets] % 5).all()
+        covered.setdefault(stream, []).append(targets)
+    for stream, parts in covered.items():  # every step of every stream, each 3 times (uniform)
+        assert np.bincount(torch.cat(parts).numpy(), minlength=300).tolist() == [3] * 300
 
 
 def test_hashed_ints_cover_range():
@@ -97,17 +177,17 @@ def test_distributed_sampler_gives_ranks_disjoint_windows():
         sampler = DistributedSampler(ds, num_replicas=2, rank=rank, shuffle=True, seed=0)
         loader = DataLoader(ds, batch_size=16, sampler=sampler, collate_fn=collate_batched)
         first = next(iter(loader))
-        assert first["tokens"].shape == (16, 50, 5)
-        seen.append({tuple(x) for x in first["tokens"][:, 0, [PREV_STATE, STATE]].tolist()})
+        assert first["tokens"].shape == (16, 50, 6)
+        seen.append(set(first["index"].tolist()))
     assert not seen[0] & seen[1]
 
 
-def test_same_depth_per_batch():
-    ds = ADCompressedDataset(labelled_histories(T=600), 8, 20, 40, 20, 40, same_depth_per_batch=True)
-    depths = set()
-    for start in range(0, 2000, 100):
-        batch = ds.__getitems__(np.arange(start, start + 16))
-        assert (batch["depth"] == batch["depth"][0]).all()
-        assert ((batch["chunk_lengths"] > 0).sum(1) == batch["depth"]).all()
-        depths.add(int(batch["depth"][0]))
-    assert len(depths) > 3
+def test_stream_memory_restarts_lie_before_the_span():
+    h = labelled_histories(n_goals=2, n_streams=3, T=300)
+    ds = ADStreamDataset(h, CompressionSchedule(window=40, chunk=36), span_segments=3, memory_restart=0.5, seed=2)
+    batch = ds.__getitems__(np.arange(len(ds)))
+    start, first = batch["memory_start"], batch["first_segment"]
+    assert ((start >= 0) & (start <= first)).all()
+    restarted = first > 0
+    assert 0.25 < (start[restarted] > 0).float().mean() < 0.6  # about half of them (a restart may draw 0)
+    assert (ADStreamDataset(h, CompressionSchedule(40, 36), 3).__getitems__(np.arange(len(ds)))["memory_start"] == 0).all()

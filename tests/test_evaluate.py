@@ -1,23 +1,117 @@
-"""The evaluation summary's metrics on hand-made returns."""
+"""The evaluation's metrics on hand-made returns, and the rollout's memory interventions."""
 import numpy as np
+import pytest
+import torch
 
 from env import make_env_spec
-from evaluate import episodes_to_fraction, miss_rate_after_first_success, summarize
+from evaluate import (bootstrap_ratio, episodes_to_fraction, held_out_loss, miss_rate_after_first_success, result_name,
+                      run_in_context, summarize)
+from model import build_model
 from tests.conftest import compose_cfg
+from tests.test_model import N_ACTIONS, N_STATES, stream_cfg
+
+
+def darkroom():
+    return make_env_spec(compose_cfg("collect", []).env)
 
 
 def test_miss_rate_counts_only_episodes_after_the_first_success():
-    returns = np.array([[[0, 0, 5, 0, 3, 3], [0, 0, 0, 0, 0, 0]]], float)  # [goal, repeat, episode]
+    returns = np.array([[[0, 0, 5, 0, 3, 3], [0, 0, 0, 0, 0, 0]]], float)  # [task, repeat, episode]
     assert miss_rate_after_first_success(returns) == 1 / 3  # episodes 3-5 of repeat 0; repeat 1 never found it
     assert miss_rate_after_first_success(np.zeros((1, 2, 4))) is None
 
 
+def test_episodes_to_80pct_uses_a_trailing_window():
+    curve = np.linspace(0, 1, 20)  # curve[e] = e / 19: first >= 0.8 at episode 16
+    # the trailing 5-episode mean (episodes e-4..e) is (e - 2) / 19: it first reaches 0.8 at episode 18, never earlier
+    assert episodes_to_fraction(curve, 0.8) == 18
+    assert episodes_to_fraction(np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1.0]), 0.8) == 8
+    spike = np.array([0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0.0])  # one good episode never makes 80% of five
+    assert episodes_to_fraction(spike, 0.8) is None
+    assert episodes_to_fraction(np.ones(3), 0.8) is None  # fewer episodes than the window
+
+
 def test_summary_against_optimal():
-    spec = make_env_spec(compose_cfg("collect", []).env)
-    goals = spec.goals("test")[:2]
+    spec = darkroom()
+    goals = spec.tasks("test")[:2]
     optimal = spec.optimal_returns(goals)
     returns = np.broadcast_to(optimal[:, None, None] * np.linspace(0, 1, 20), (2, 3, 20)).copy()
     out = summarize(goals, spec, {"returns": returns, "seconds": 1.0, "seconds_per_env_step": 0.1})
     assert np.isclose(out["fraction_of_optimal_last10"], np.linspace(0, 1, 20)[-10:].mean())
-    assert out["episodes_to_80pct"] == episodes_to_fraction(np.linspace(0, 1, 20), 0.8) == 14
-    assert out["miss_rate_after_first_success"] == 0.0 and out["fraction_of_optimal_last10_stderr"] == 0.0
+    assert np.isclose(out["mean_task_fraction_last10"], out["fraction_of_optimal_last10"])
+    assert out["episodes_to_80pct"] == 18
+    assert out["miss_rate_after_first_success"] == 0.0 and out["fraction_of_optimal_last10_rollout_se"] == 0.0
+    lo, hi = out["fraction_of_optimal_last10_ci95"]
+    assert np.isclose(lo, hi) and np.isclose(lo, out["fraction_of_optimal_last10"])  # tasks agree: no spread
+    assert np.isclose(out["mean_optimal_return"], optimal.mean())
+
+
+def test_ratio_of_means_and_mean_of_fractions_differ_when_far_tasks_fail():
+    spec = darkroom()
+    goals = np.array([[4, 5], [0, 0]])  # near (optimal 20) and far (optimal 13)
+    optimal = spec.optimal_returns(goals)
+    returns = np.stack([np.full((2, 10), optimal[0]), np.zeros((2, 10))])  # the far one fails
+    out = summarize(goals, spec, {"returns": returns, "seconds": 1.0, "seconds_per_env_step": 0.1})
+    assert np.isclose(out["fraction_of_optimal_last10"], optimal[0] / optimal.sum())
+    assert np.isclose(out["mean_task_fraction_last10"], 0.5) and out["fraction_of_optimal_last10"] > 0.5
+
+
+def test_bootstrap_interval_widens_when_tasks_disagree():
+    optimal = np.full(8, 10.0)
+    agree = np.full(8, 8.0)
+    disagree = np.array([10, 10, 10, 10, 6, 6, 6, 6.0])  # the same mean, 0.8
+    lo_a, hi_a = bootstrap_ratio(agree, optimal)
+    lo_d, hi_d = bootstrap_ratio(disagree, optimal)
+    assert np.isclose(lo_a, 0.8) and np.isclose(hi_a, 0.8)
+    assert lo_d < 0.75 and hi_d > 0.85 and lo_d < 0.8 < hi_d
+    # over training seeds: the same resampled tasks for every seed; seeds that disagree per task average out
+    two_seeds = np.stack([disagree, disagree[::-1]])
+    lo_s, hi_s = bootstrap_ratio(two_seeds, optimal)
+    assert hi_s - lo_s < hi_d - lo_d
+
+
+def test_result_files_are_separate_per_split_and_memory_mode():
+    names = {result_name("test"), result_name("val"), result_name("test", "clear"), result_name("test", "truncate", 1),
+             result_name("test", "truncate", 2), result_name("test", "transplant")}
+    assert len(names) == 6 and "test" in names and "test-memory-truncate1" in names
+
+
+def test_memory_interventions_in_the_evaluation_keep_starts_and_draws():
+    """Every memory mode rolls out on the same starts and action draws: before the first compression the
+    returns are identical; after it they differ. Transplant's donors do not disturb the main envs."""
+    torch.manual_seed(0)
+    model = build_model(stream_cfg(), N_STATES, N_ACTIONS)
+    spec = make_env_spec(compose_cfg("collect", ["env=dark_key_to_door", "env.horizon=10"]).env)
+    tasks = spec.tasks("val")[:3]
+    runs = {m: run_in_context(model, spec, tasks, 8, 2, seed=0, memory=m, memory_chunks=1)["returns"]
+            for m in ("normal", "clear", "transplant", "truncate")}
+    first = model.schedule.segments(80).first_target[1] // spec.horizon  # episodes before the first compression
+    for m, r in runs.items():
+        assert np.array_equal(r[..., :first], runs["normal"][..., :first]), m
+    again = run_in_context(model, spec, tasks, 8, 2, seed=0)["returns"]
+    assert np.array_equal(again, runs["normal"])
+    from utils.run import UserConfigError
+
+    ad = build_model(compose_cfg("train", ["model=ad_dr"]).model, N_STATES, N_ACTIONS)
+    with pytest.raises(UserConfigError, match="has none"):
+        run_in_context(ad, spec, tasks, 2, 1, seed=0, memory="clear")
+
+
+def test_held_out_loss_is_scored_at_fixed_positions_with_a_memory_value_curve():
+    from tests.test_dataset import labelled_histories
+
+    h = labelled_histories(n_goals=2, n_streams=3, T=240)
+    for k in ("states", "next_states"):
+        h[k] = h[k] % N_STATES
+    torch.manual_seed(0)
+    model = build_model(stream_cfg(), N_STATES, N_ACTIONS)
+    out = held_out_loss(model, h, n_streams_per_task=2)
+    bins = [k for k in out if k.startswith("loss_action_ep")]
+    assert bins == ["loss_action_ep0", "loss_action_ep1", "loss_action_ep2-4", "loss_action_ep5-11"]
+    assert {f"memory_value/chunks{k}" for k in (0, 1, 2, 4, 8)} | {"memory_value/all"} <= set(out)
+    assert out["memory_value/chunks0"] != out["memory_value/all"]
+    # the positions are fixed: the same for a model with another window
+    other = build_model(stream_cfg(rollout_compress_length=20), N_STATES, N_ACTIONS)
+    assert set(held_out_loss(other, h, 2)) == set(out)
+    ad = build_model(compose_cfg("train", ["model=ad_dr", "model.n_transit=40"]).model, N_STATES, N_ACTIONS)
+    assert not any(k.startswith("memory_value") for k in held_out_loss(ad, h, 2))

@@ -50,13 +50,24 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_data, tmp_path, model):
     assert np.allclose(v1, v2, atol=1e-6)
 
 
-def test_resume_needs_a_run_and_the_same_model(tiny_data, tmp_path):
+def test_resume_needs_a_run_and_the_same_model_data_and_seed(tiny_data, tmp_path):
     runs = tmp_path / "runs"
     out = run_script("train.py", *train_args(tiny_data, runs, "none"), "resume=true", check=False)
     assert out.returncode == 1 and "holds no run to resume" in out.stderr
     run_script("train.py", *train_args(tiny_data, runs, "r"))
     out = run_script("train.py", *train_args(tiny_data, runs, "r"), "resume=true", "model.tf_n_embd=32", check=False)
-    assert out.returncode == 1 and "tf_n_embd" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 1 and "model.tf_n_embd" in out.stderr and "Traceback" not in out.stderr
+    out = run_script("train.py", *train_args(tiny_data, runs, "r"), "resume=true", "seed=1", check=False)
+    assert out.returncode == 1 and "'seed': (0, 1)" in out.stderr
+    # another env: its own dataset exists, but the run was trained on Darkroom
+    run_script("collect.py", *tiny_data, "env=dark_key_to_door", "env.n_train_tasks=4", "env.n_eval_tasks=2")
+    out = run_script("train.py", *train_args(tiny_data, runs, "r"), "resume=true", "env=dark_key_to_door",
+                     "env.n_train_tasks=4", "env.n_eval_tasks=2", check=False)
+    assert out.returncode == 1 and "env.name" in out.stderr and "dataset" in out.stderr and "Traceback" not in out.stderr
+    out = run_script("train.py", *train_args(tiny_data, runs, "r"), "resume=true", "mixed_precision=fp16", check=False)
+    assert out.returncode == 1 and "fp16" in out.stderr and "not be exact" in out.stderr
+    assert sorted(p.name for p in (runs / "r").glob("*.pt")) == ["checkpoint-final.pt", "checkpoint-step10.pt",
+                                                                 "checkpoint-step20.pt", "checkpoint-step30.pt"]
 
 
 def test_kill_during_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path):
@@ -104,14 +115,17 @@ def test_truncated_and_foreign_checkpoints_give_clear_errors(tmp_path):
 
 @pytest.mark.parametrize("overrides,message", [
     (["model=ad_compressed_dr", "model.n_latent=50"], "exceeds decoder_max_seq_length"),
-    (["model=ad_compressed_dr"], "A depth-8 sample spans up to 360 steps but streams have 200"),
-    (["model=ad_compressed_dr", "model.min_compress_length=50"], "min_compress_length (50) <= max_compress_length"),
+    (["model=ad_compressed_dr", "model.training_mode=chains"], "A depth-8 sample spans up to 360 steps but streams have 200"),
+    (["model=ad_compressed_dr", "model.training_mode=chains", "model.min_compress_length=50"],
+     "min_compress_length (50) <= max_compress_length"),
+    (["model=ad_compressed_dr", "model.rollout_compress_length=41"], "rollout_compress_length (41) must be <="),
+    (["model=ad_dr", "env.val_env_ratio=0.0"], "validation tasks"),
     (["model=ad_dr", "model.train_batch_size=0"], "train_batch_size=0 must be a positive multiple"),
     (["model=ad_dr", "model.model=GPT"], "Unknown model 'GPT'"),
     (["model=ad_dr", "env.name=lightroom"], "Unknown env name"),
     (["model=ad_dr", "env.horizon=10"], "another env config"),
     (["model=ad_dr", "+model.pretrained_encoder_path=x.pt"], "apply to CompressedAD only"),
-    (["model=ad_compressed_dr", "model.max_compression_depth=3", "model.pretrained_encoder_path=nope.pt"],
+    (["model=ad_compressed_dr", "model.pretrained_encoder_path=nope.pt"],
      "pretrained encoder checkpoint"),
 ])
 def test_bad_config_values_are_refused_before_anything_is_written(tiny_data, tmp_path, overrides, message):

@@ -5,6 +5,8 @@ from omegaconf import OmegaConf
 
 from model import AD, CompressedAD, build_model, check_sizes, rollout_memory_bytes
 from model.ad_compressed import decoder_mask
+from model.schedule import CompressionSchedule
+from model.tokens import STATE
 from model.tokens import random_tokens as tokens_in_range
 from tests.conftest import ROOT
 
@@ -64,7 +66,7 @@ def test_compressed_shapes_at_every_depth_and_gradients_reach_every_stage(depth)
     cfg = compressed_cfg(tf_dropout=0.0)
     model = build_model(cfg, N_STATES, N_ACTIONS)
     B, Lc, Lu = 3, 25, 30
-    chunks = random_tokens(B, max(depth, 1) * Lc).view(B, max(depth, 1), Lc, 5)[:, :depth]
+    chunks = random_tokens(B, max(depth, 1) * Lc).view(B, max(depth, 1), Lc, 6)[:, :depth]
     lengths = torch.full((B, depth), Lc)
     if depth:
         lengths[0, -1] = 0  # sample 0 is one stage shallower
@@ -150,9 +152,12 @@ def test_sizes_that_clash_are_named():
     with pytest.raises(ValueError, match=r"n_latent \(50\) \+ max_uncompressed_length \(40\) = 90 exceeds decoder_max_seq_length \(56\)"):
         check_sizes(compressed_cfg(n_latent=50))
     with pytest.raises(ValueError, match=r"min_compress_length \(45\) <= max_compress_length \(40\)"):
-        check_sizes(compressed_cfg(min_compress_length=45))
+        check_sizes(compressed_cfg(training_mode="chains", min_compress_length=45))
     with pytest.raises(ValueError, match="rollout_compress_length"):
-        check_sizes(compressed_cfg(rollout_compress_length=10))
+        check_sizes(compressed_cfg(rollout_compress_length=41))
+    with pytest.raises(ValueError, match="rollout_compress_length"):
+        check_sizes(compressed_cfg(training_mode="chains", rollout_compress_length=10))
+    check_sizes(compressed_cfg(rollout_compress_length=40))  # stream mode may keep no raw token
     with pytest.raises(ValueError, match="Unknown model"):
         build_model({"model": "GPT"}, N_STATES, N_ACTIONS)
 
@@ -160,7 +165,7 @@ def test_sizes_that_clash_are_named():
 def test_truncated_backprop_through_old_stages():
     cfg = compressed_cfg(tf_dropout=0.0, grad_compression_stages=1)
     model = build_model(cfg, N_STATES, N_ACTIONS)
-    chunks = random_tokens(2, 3 * 20).view(2, 3, 20, 5)
+    chunks = random_tokens(2, 3 * 20).view(2, 3, 20, 6)
     lengths = torch.full((2, 3), 20)
     # stage outputs of old stages carry no gradient: perturbing the first chunk changes the output, but
     # the gradient of the output w.r.t. the encoder's parameters comes from the last stage only
@@ -173,3 +178,157 @@ def test_truncated_backprop_through_old_stages():
     assert g_trunc is None or g_trunc.abs().sum() == 0  # L_0 enters at stage 0, which is truncated
     assert g_full.abs().sum() > 0
     assert torch.allclose(model.compress_history(chunks, lengths), full.compress_history(chunks, lengths), atol=1e-6)
+
+
+# ---------------------------------------------------------------- the compression schedule, teacher-forced
+
+@pytest.mark.parametrize("window,chunk", [(40, 20), (40, 36), (40, 40), (7, 3)])
+def test_schedule_segments_follow_the_rollout_rule(window, chunk):
+    schedule = CompressionSchedule(window=window, chunk=chunk)
+    T = 157
+    seg = schedule.segments(T)
+    # every token is the target of exactly one segment, in order
+    assert seg.first_target[0] == 0 and (seg.end[:-1] == seg.first_target[1:]).all() and seg.end[-1] == T
+    assert (seg.segment_of(np.arange(T)) == np.repeat(np.arange(len(seg.end)), seg.end - seg.first_target)).all()
+    # chunk k is the k-th block of `chunk` tokens; the window after it starts where it ends
+    assert (seg.chunk_start == chunk * np.arange(seg.n_compressions)).all()
+    assert (seg.window_start[1:] == seg.chunk_start + chunk).all()
+    assert (seg.end - seg.window_start).max() <= window  # the decoder never sees more than the window
+    assert ((seg.first_target[1:] - seg.window_start[1:]) == window - chunk).all()  # what survives a compression
+    # a token-by-token simulation of the rollout agrees
+    n_recent, compressions = 0, []
+    for t in range(T):
+        if schedule.compress_now(n_recent):
+            compressions.append(t)
+            n_recent -= chunk
+        n_recent += 1
+    assert compressions == seg.first_target[1:].tolist()
+
+
+def stream_cfg(**over):
+    return compressed_cfg(**{"tf_dropout": 0.0, "training_mode": "stream", "rollout_compress_length": 36, **over})
+
+
+def rollout_trace(model, tokens, **memory):
+    """Per-step logits of a rollout over `tokens`, and its latents right after every compression."""
+    r = model.rollout(len(tokens), use_cache=True, **memory)
+    logits, latents = [], []
+    for t in range(tokens.shape[1]):
+        n = r.n_compressions
+        logits.append(r.step(tokens[:, t]))
+        if r.n_compressions > n:
+            latents.append(r.latents.clone())
+    return torch.stack(logits, 1), latents
+
+
+@pytest.mark.parametrize("memory", [{}, {"memory": "clear"}, {"memory": "truncate", "memory_chunks": 1},
+                                    {"memory": "truncate", "memory_chunks": 3}])
+def test_teacher_forced_view_equals_the_rollout_latents_and_logits(memory):
+    torch.manual_seed(0)
+    model = build_model(stream_cfg(), N_STATES, N_ACTIONS).eval()
+    tokens = random_tokens(3, 230, seed=2)
+    rollout_logits, rollout_latents = rollout_trace(model, tokens, **memory)
+    assert torch.allclose(model.teacher_forced_logits(tokens, **memory), rollout_logits, atol=1e-5)
+    with torch.no_grad():
+        n = model.schedule.segments(230).n_compressions
+        sample, k, latents = model.segment_latents(tokens, torch.zeros(3, dtype=torch.long), torch.full((3,), n + 1), **memory)
+    for j, lat in enumerate(rollout_latents, start=1):
+        assert torch.allclose(latents[k == j], lat, atol=1e-5)
+
+
+def test_training_forward_of_any_span_equals_the_rollout():
+    """The training forward (gradient on, truncated stages recomputed) gives the rollout's logits on every span."""
+    torch.manual_seed(0)
+    model = build_model(stream_cfg(grad_compression_stages=2), N_STATES, N_ACTIONS)
+    tokens = random_tokens(3, 230, seed=4)
+    rollout_logits, _ = rollout_trace(model.eval(), tokens)
+    model.train()  # dropout is 0: train mode changes nothing but the gradient path
+    first, n = torch.tensor([0, 2, 5]), torch.tensor([3, 2, 2])
+    logits = model({"tokens": tokens, "first_segment": first, "n_segments": n,
+                    "target_actions": torch.zeros(3, 230, dtype=torch.long)})
+    seg = model.schedule.segments(230)
+    for b in range(3):
+        targets = slice(seg.first_target[first[b]], seg.end[first[b] + n[b] - 1])
+        assert torch.allclose(logits[b, targets], rollout_logits[b, targets], atol=1e-5)
+        assert (logits[b, : targets.start] == 0).all() and (logits[b, targets.stop :] == 0).all()
+
+
+@pytest.mark.parametrize("gradient,grad_stages", [("per_target", 1), ("per_target", 2), ("per_target", 3), ("span", 1), ("span", 2)])
+def test_gradients_reach_exactly_the_configured_stages(gradient, grad_stages):
+    """per_target: the loss of a segment reaches the chunks of its last `grad_stages` compressions and no
+    earlier ones. span: the i-th segment of a span reaches grad_stages + i (truncated backpropagation
+    through the span). Neither reaches the empty memory L_0 once the chain has left it behind."""
+    torch.manual_seed(0)
+    model = build_model(stream_cfg(grad_compression_stages=grad_stages, stream_gradient=gradient), N_STATES, N_ACTIONS).train()
+    tokens = random_tokens(1, 400, seed=5)
+    tokens[0, :, STATE] = torch.arange(400).float() % N_STATES  # so each chunk is identifiable by its first state
+    seg = model.schedule.segments(400)
+    original = model.compress
+
+    def record(latents, chunk_tokens, chunk_valid=None):
+        out = original(latents, chunk_tokens, chunk_valid)
+        if out.requires_grad:
+            for row in range(len(out)):  # one entry per row: rows of one call may be different stages
+                entry = {"step": int(chunk_tokens[row, 0, STATE]), "grad": False}
+                out.register_hook(lambda g, e=entry, r=row: e.update(grad=e["grad"] or bool(g[r].abs().sum() > 0)))
+                calls.append(entry)
+        return out
+
+    model.compress = record
+    first, span = 5, 3 if gradient == "span" else 1
+    for i in range(span):
+        calls = []
+        model.zero_grad()
+        logits = model.stream_logits(tokens, torch.tensor([first]), torch.tensor([span]), grad_stages=grad_stages)
+        k = first + i
+        logits[0, seg.first_target[k] : seg.end[k]].sum().backward()
+        reached = sorted({c["step"] for c in calls if c["grad"]})
+        deepest = k - grad_stages + 1 - (i if gradient == "span" else 0)
+        assert reached == sorted(int(seg.chunk_start[j - 1]) % N_STATES for j in range(deepest, k + 1)), (i, reached)
+        assert model.encoder.initial_latents.grad is None or model.encoder.initial_latents.grad.abs().sum() == 0
+    # a segment with fewer compressions than grad_stages reaches all of them and L_0
+    model.zero_grad()
+    logits = model.stream_logits(tokens, torch.tensor([1]), torch.tensor([1]), grad_stages=grad_stages)
+    logits[0, seg.first_target[1] : seg.end[1]].sum().backward()
+    assert model.encoder.initial_latents.grad.abs().sum() > 0
+
+
+def test_memory_interventions_change_what_they_say_and_nothing_else():
+    torch.manual_seed(0)
+    model = build_model(stream_cfg(), N_STATES, N_ACTIONS).eval()
+    tokens = random_tokens(4, 200, seed=6)
+    first = model.schedule.segments(200).first_target[1]  # the first compression happens before this step
+    normal, normal_latents = rollout_trace(model, tokens)
+    empty = model.encoder.empty_memory(4)
+    for memory in ({"memory": "clear"}, {"memory": "truncate", "memory_chunks": 2},
+                   {"memory": "transplant", "donor": [1, 0, 3, 2]}):
+        logits, latents = rollout_trace(model, tokens, **memory)
+        assert torch.equal(logits[:, :first], normal[:, :first])  # nothing changes before the first compression
+        assert not torch.allclose(logits[:, first:], normal[:, first:], atol=1e-4)
+        if memory["memory"] == "clear":
+            assert all(torch.equal(lat, empty) for lat in latents)
+        elif memory["memory"] == "truncate":  # the first two compressions have no older chunk to drop
+            assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(latents[:2], normal_latents[:2]))
+            assert not torch.allclose(latents[2], normal_latents[2], atol=1e-4)
+        else:  # env i holds the latents env donor[i] computed, on its own tokens
+            donor_view, _ = rollout_trace(model, tokens[[1, 0, 3, 2]])
+            assert not torch.allclose(latents[0], normal_latents[0][0:1].expand(4, -1, -1), atol=1e-4)
+            assert torch.allclose(latents[0], normal_latents[0][[1, 0, 3, 2]], atol=1e-6)
+    with pytest.raises(ValueError, match="donor"):
+        model.rollout(2, memory="transplant")
+
+
+def test_a_memory_restart_is_a_history_that_begins_at_the_restart():
+    """memory_start = m: the span's latents are those of a rollout whose history began with chunk m + 1."""
+    torch.manual_seed(0)
+    model = build_model(stream_cfg(grad_compression_stages=2), N_STATES, N_ACTIONS).train()
+    tokens = random_tokens(1, 300, seed=8)
+    c, m = model.schedule.chunk, 3
+    later, _ = rollout_trace(model.eval(), tokens[:, m * c :])
+    model.train()
+    logits = model.stream_logits(tokens, torch.tensor([5]), torch.tensor([2]), grad_stages=2, memory_start=torch.tensor([m]))
+    seg = model.schedule.segments(300)
+    targets = slice(seg.first_target[5], seg.end[6])
+    assert torch.allclose(logits[0, targets], later[0, targets.start - m * c : targets.stop - m * c], atol=1e-5)
+    plain = model.stream_logits(tokens, torch.tensor([5]), torch.tensor([2]), grad_stages=2)
+    assert not torch.allclose(plain[0, targets], logits[0, targets], atol=1e-4)

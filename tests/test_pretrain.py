@@ -30,7 +30,7 @@ def darkroom_like_histories(n_goals=4, n_streams=4, T=400, seed=0):
     states = rng.integers(0, N_STATES, (n_goals, n_streams, T))
     return {"states": states, "next_states": rng.integers(0, N_STATES, states.shape),
             "actions": rng.integers(0, N_ACTIONS, states.shape), "rewards": (rng.random(states.shape) < 0.2).astype(np.float32),
-            "goals": np.zeros((n_goals, 2), np.int64)}
+            "tasks": np.zeros((n_goals, 2), np.int64), "horizon": 20}
 
 
 def test_pretrain_dataset_depths_streams_and_grouping():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import ROOT, TINY_TRAIN, run_script
+from tests.conftest import ROOT, TINY, TINY_TRAIN, run_script
 
 
 def events(run_dir):
@@ -18,7 +18,7 @@ def events(run_dir):
     return files, acc
 
 
-@pytest.mark.parametrize("model", ["ad_dr", "ad_compressed_dr"])
+@pytest.mark.parametrize("model", ["ad_dr", "ad_compressed_dr", "ad_compressed_dr_chains"])
 def test_collect_train_evaluate_end_to_end(tiny_data, tmp_path, model):
     runs = tmp_path / "runs"
     common = tiny_data + [f"run_root={runs}"]
@@ -27,24 +27,70 @@ def test_collect_train_evaluate_end_to_end(tiny_data, tmp_path, model):
     run_dir = runs / "e2e"
     assert "parameters" in out.stdout
     ckpt = torch.load(run_dir / "checkpoint-final.pt", weights_only=True)
-    assert ckpt["global_step"] == 6 and isinstance(ckpt["config"], dict)
+    assert ckpt["global_step"] == 6 and isinstance(ckpt["config"], dict) and ckpt["config"]["env"]["name"] == "darkroom"
     assert (run_dir / "checkpoint-step3.pt").is_file() and (run_dir / "config.yaml").is_file()
     files, acc = events(run_dir)
     assert len(files) == 1
     tags = set(acc.Tags()["scalars"])
-    assert {"train/loss_action", "train/acc_action", "train/lr", "eval/mean_reward", "test/loss_action"} <= tags
-    if model == "ad_compressed_dr":
-        assert {"train/depth_share/0", "eval/n_compressions"} <= tags and any(t.startswith("train/loss_action_depth") for t in tags)
+    assert {"train/loss_action", "train/acc_action", "train/lr", "train/targets_per_step", "eval/mean_reward",
+            "eval/fraction_of_optimal_last10", "val/loss_action", "val/loss_action_ep0", "test/fraction_of_optimal_last10",
+            "test/loss_action"} <= tags
+    if model.startswith("ad_compressed_dr"):
+        assert {"eval/n_compressions", "val/memory_value/chunks1", "val/memory_value/all"} <= tags
     assert "config" in "".join(acc.Tags()["tensors"])  # hyperparameters as text
+    # train.py's final evaluations: validation for choices, test reported
+    for split in ("val", "test"):
+        result = json.loads((run_dir / "eval" / f"{split}.json").read_text())
+        assert result["split"] == split and len(result["tasks"]) == 8 and "held_out" in result
 
-    out = run_script("evaluate.py", f"checkpoint={run_dir / 'checkpoint-final.pt'}", "n_episodes=4", "n_envs_per_goal=2")
+    out = run_script("evaluate.py", f"checkpoint={run_dir / 'checkpoint-final.pt'}", "n_episodes=4", "n_envs_per_task=2")
     result = json.loads((run_dir / "eval" / "test.json").read_text())
-    assert len(result["goals"]) == 8 and len(result["returns"]) == 8 and len(result["returns"][0]) == 4
+    assert len(result["tasks"]) == 8 and len(result["returns"]) == 8 and len(result["returns"][0]) == 4
     assert len(result["mean_return_per_episode"]) == 4 and 0 <= result["fraction_of_optimal_last10"] <= 1
+    lo, hi = result["fraction_of_optimal_last10_ci95"]
+    assert lo <= result["fraction_of_optimal_last10"] <= hi and result["memory"] == "normal"
+    assert result["held_out"]["loss_action"] > 0
     assert (run_dir / "eval" / "test.png").stat().st_size > 1000
-    if model == "ad_compressed_dr":
-        assert "n_compressions" in result and result["peak_decoder_length"] <= 56
     assert "fraction of optimal" in out.stdout
+    if model.startswith("ad_compressed_dr"):
+        assert "n_compressions" in result and result["peak_decoder_length"] <= 56
+        for memory in ("clear", "transplant", "truncate"):
+            run_script("evaluate.py", f"checkpoint={run_dir / 'checkpoint-final.pt'}", "n_episodes=4", "n_envs_per_task=1",
+                       f"memory={memory}", "split=val")
+        names = sorted(p.name for p in (run_dir / "eval").glob("*.json"))
+        assert names == ["test.json", "val-memory-clear.json", "val-memory-transplant.json", "val-memory-truncate1.json",
+                         "val.json"]
+        assert json.loads((run_dir / "eval" / "val-memory-transplant.json").read_text())["memory"] == "transplant"
+        assert json.loads((run_dir / "eval" / "val.json").read_text())["n_episodes"] == 3  # untouched by the memory tests
+    else:
+        out = run_script("evaluate.py", f"checkpoint={run_dir / 'checkpoint-final.pt'}", "memory=clear", check=False)
+        assert out.returncode == 1 and "has none" in out.stderr
+
+
+def test_key_to_door_collect_train_evaluate_end_to_end(tmp_path):
+    """env=dark_key_to_door through the real scripts; its checkpoint and dataset are refused by a Darkroom run."""
+    data = [f"data_root={tmp_path / 'datasets'}", f"run_root={tmp_path / 'runs'}"]
+    tiny = [*TINY, "env=dark_key_to_door", "env.n_train_tasks=6", "env.n_eval_tasks=3"]
+    out = run_script("collect.py", *data, *tiny)
+    assert "dark_key_to_door" in out.stdout
+    for model in ("ad_dktd", "ad_compressed_dktd"):
+        recipe = TINY_TRAIN["ad_dr" if model == "ad_dktd" else "ad_compressed_dr"]
+        args = [*data, *tiny, *[o for o in recipe if not o.startswith("model=")], f"model={model}", f"run_name={model}"]
+        run_script("train.py", *args)
+        run_dir = tmp_path / "runs" / model
+        ckpt = torch.load(run_dir / "checkpoint-final.pt", weights_only=True)
+        assert ckpt["config"]["env"]["name"] == "dark_key_to_door"
+        run_script("evaluate.py", f"checkpoint={run_dir / 'checkpoint-final.pt'}", "n_episodes=3", "n_envs_per_task=2")
+        result = json.loads((run_dir / "eval" / "test.json").read_text())
+        assert len(result["tasks"]) == 3 and len(result["tasks"][0]) == 4 and result["env"] == "dark_key_to_door"
+        assert result["mean_optimal_return"] == 2.0 and 0 <= result["door_rate"] <= result["key_rate"] <= 1
+    # a Darkroom run pointed at the Key-to-Door dataset is refused, naming the env
+    from dataset import histories_dir
+    from tests.conftest import compose_cfg
+
+    dktd_data = histories_dir(compose_cfg("collect", [*data, *tiny]))
+    out = run_script("train.py", *data, *TINY, *TINY_TRAIN["ad_dr"], f"dataset_path={dktd_data}", "run_name=x", check=False)
+    assert out.returncode == 1 and "another env config" in out.stderr and "name" in out.stderr
 
 
 def test_compiled_training_saves_plain_weights(tiny_data, tmp_path):
@@ -53,7 +99,7 @@ def test_compiled_training_saves_plain_weights(tiny_data, tmp_path):
     run_script("train.py", *tiny_data, f"run_root={runs}", *TINY_TRAIN["ad_dr"], "run_name=compiled", "compile=true", timeout=600)
     ckpt = torch.load(runs / "compiled" / "checkpoint-final.pt", weights_only=True)
     assert not any(k.startswith("_orig_mod") for k in ckpt["model_state_dict"])
-    run_script("evaluate.py", f"checkpoint={runs / 'compiled' / 'checkpoint-final.pt'}", "n_episodes=2", "n_envs_per_goal=1")
+    run_script("evaluate.py", f"checkpoint={runs / 'compiled' / 'checkpoint-final.pt'}", "n_episodes=2", "n_envs_per_task=1")
 
 
 def test_missing_dataset_names_the_collect_command(tmp_path):
@@ -104,7 +150,7 @@ def test_two_stage_wrapper_end_to_end(tiny_data, tmp_path):
     tiny = [*tiny_data, f"run_root={runs}", "model.max_compression_depth=3", "model.train_timesteps=4", "model.pretrain_steps=4", "model.train_batch_size=4",
             "model.pretrain_batch_size=4", "model.tf_n_layer=1", "model.encoder_n_layer=1", "model.pretrain_decoder_n_layer=1",
             "model.pretrain_save_interval=2", "model.pretrain_val_streams=1", "log_interval=2", "eval_interval=0",
-            "++test_loss_batches=1", "++save_interval=2"]
+            "++save_interval=2"]
     proc = subprocess.run(["bash", str(ROOT / "train_two_stage.sh"), "--freeze-encoder", *tiny],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -20,11 +20,18 @@ def stage1_checkpoint(model: torch.nn.Module, global_step: int, config: dict) ->
     return ckpt
 
 
-def load_stage1(model: torch.nn.Module, path) -> dict:
+def load_stage1(model: torch.nn.Module, path, env_cfg: dict | None = None) -> dict:
     """Copy a stage-1 checkpoint into `model`'s encoder and embeddings; refuse, naming every
-    missing, unexpected or mis-shaped key, when it does not fit. Returns what was loaded."""
+    missing, unexpected or mis-shaped key, when it does not fit, or when it was pre-trained on
+    another env than `env_cfg` (the shapes of two grid tasks can match). Returns what was loaded."""
     what = "pretrained encoder checkpoint (model.pretrained_encoder_path)"
     ckpt = load_checkpoint(path, what, required_keys=STAGE1_KEYS)
+    trained_on = ckpt["config"].get("env", {})
+    if env_cfg is not None and trained_on != env_cfg:
+        differ = {k: (trained_on.get(k), env_cfg.get(k)) for k in sorted(trained_on.keys() | env_cfg.keys())
+                  if trained_on.get(k) != env_cfg.get(k)}
+        raise CheckpointError(f"{what} '{path}' was pre-trained on another env config; (checkpoint, this run) differ in {differ}. "
+                              f"Pre-train on this env (the same env=... overrides) or point to a matching checkpoint.")
     problems = []
     for part in STAGE1_PARTS:
         expected, given = getattr(model, part).state_dict(), ckpt[f"{part}_state_dict"]
