@@ -238,7 +238,7 @@ class CompressedAD(nn.Module):
             G = int(k.max()) if grad_stages is None else grad_stages
         # L_j of every sample without gradient, up to the stage each segment starts its gradient from
         start_stage = (k - G).clamp(min=0)
-        if gradient == "span":  # the chain with gradient starts G stages before each span's first segment
+        if gradient == "span" and G > 0:  # the chain with gradient starts G stages before each span's first segment
             start_stage = torch.minimum(start_stage, (first_segment[sample] - G).clamp(min=0))
         need = torch.zeros(B, dtype=torch.long, device=device).scatter_reduce_(0, sample, start_stage, "amax")
         all_rows = torch.arange(B, device=device)

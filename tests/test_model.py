@@ -223,9 +223,10 @@ def rollout_trace(model, tokens, **memory):
 
 @pytest.mark.parametrize("memory", [{}, {"memory": "clear"}, {"memory": "truncate", "memory_chunks": 1},
                                     {"memory": "truncate", "memory_chunks": 3}])
-def test_teacher_forced_view_equals_the_rollout_latents_and_logits(memory):
+@pytest.mark.parametrize("gradient", ["per_target", "span"])
+def test_teacher_forced_view_equals_the_rollout_latents_and_logits(memory, gradient):
     torch.manual_seed(0)
-    model = build_model(stream_cfg(), N_STATES, N_ACTIONS).eval()
+    model = build_model(stream_cfg(stream_gradient=gradient), N_STATES, N_ACTIONS).eval()
     tokens = random_tokens(3, 230, seed=2)
     rollout_logits, rollout_latents = rollout_trace(model, tokens, **memory)
     assert torch.allclose(model.teacher_forced_logits(tokens, **memory), rollout_logits, atol=1e-5)
@@ -236,10 +237,11 @@ def test_teacher_forced_view_equals_the_rollout_latents_and_logits(memory):
         assert torch.allclose(latents[k == j], lat, atol=1e-5)
 
 
-def test_training_forward_of_any_span_equals_the_rollout():
+@pytest.mark.parametrize("gradient", ["per_target", "span"])
+def test_training_forward_of_any_span_equals_the_rollout(gradient):
     """The training forward (gradient on, truncated stages recomputed) gives the rollout's logits on every span."""
     torch.manual_seed(0)
-    model = build_model(stream_cfg(grad_compression_stages=2), N_STATES, N_ACTIONS)
+    model = build_model(stream_cfg(grad_compression_stages=2, stream_gradient=gradient), N_STATES, N_ACTIONS)
     tokens = random_tokens(3, 230, seed=4)
     rollout_logits, _ = rollout_trace(model.eval(), tokens)
     model.train()  # dropout is 0: train mode changes nothing but the gradient path
