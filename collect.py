@@ -45,7 +45,7 @@ def collect(cfg: DictConfig) -> str:
         rng = np.random.default_rng([int(cfg.algorithm.collect_seed), i])
         out = run_algorithm(spec, stream_tasks, cfg.algorithm, rng, env_seed=int(cfg.algorithm.collect_seed) * 3 + i)
         T = out["states"].shape[1]
-        splits[split] = {k: out[k].reshape(len(tasks), n_streams, T) for k in ("states", "actions", "rewards", "next_states", "lapse")}
+        splits[split] = {k: out[k].reshape(len(tasks), n_streams, T) for k in ("states", "actions", "rewards", "next_states", "noise")}
         splits[split]["tasks"] = tasks
         curves[split] = learning_curve(out["episode_returns"], spec.optimal_returns(stream_tasks)).round(4).tolist()
     seconds = time.perf_counter() - t0

@@ -2,7 +2,7 @@
 
 A history dataset lives in `<data_root>/<env>-<algorithm>-<hash>/` (the hash covers the env and
 algorithm configs, so a changed config never reuses old data): `train.npz`, `val.npz` and
-`test.npz` hold `states`, `actions`, `rewards`, `next_states`, `lapse` (steps that are context, never
+`test.npz` hold `states`, `actions`, `rewards`, `next_states`, `noise` (steps that are context, never
 targets) of shape [n_tasks, n_streams, T] and `tasks` [n_tasks, task_dim]; `metadata.json` (written last, so its presence marks a complete
 dataset) holds the config, the task split and the source algorithm's learning curve.
 
@@ -109,7 +109,7 @@ def load_histories(cfg, split: str) -> dict:
     file = histories_dir(cfg) / f"{split}.npz"
     try:
         with np.load(file) as data:
-            arrays = {k: data[k] for k in (*HISTORY_KEYS, "lapse", "tasks")}
+            arrays = {k: data[k] for k in (*HISTORY_KEYS, "noise", "tasks")}
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
         raise DatasetError(f"Dataset file '{file}' is missing or truncated ({e}). Regenerate it with:\n    {collect_command()} force=true") from None
     arrays["horizon"] = int(meta["config"]["env"]["horizon"])
@@ -117,12 +117,12 @@ def load_histories(cfg, split: str) -> dict:
 
 
 def stream_tokens(histories: dict) -> tuple[np.ndarray, np.ndarray]:
-    """[G, S, T] histories -> tokens [G*S, T, 6] and target actions [G*S, T] (-100 on lapse steps): one row per stream."""
+    """[G, S, T] histories -> tokens [G*S, T, 6] and target actions [G*S, T] (-100 on noise steps): one row per stream."""
     G, S, T = histories["states"].shape
     tokens = build_tokens(*(histories[k].reshape(G * S, T) for k in HISTORY_KEYS), horizon=histories["horizon"])
     targets = histories["actions"].reshape(G * S, T).astype(np.int64)
-    if "lapse" in histories:
-        targets[histories["lapse"].reshape(G * S, T)] = -100
+    if "noise" in histories:
+        targets[histories["noise"].reshape(G * S, T)] = -100
     return tokens, targets
 
 

@@ -184,13 +184,13 @@ def held_out_loss(model, histories: dict, n_streams_per_task: int, device="cpu",
 
     was_training = model.training
     model.eval()
-    picked = {k: histories[k][:, :n_streams_per_task] for k in ("states", "actions", "rewards", "next_states", "lapse")
+    picked = {k: histories[k][:, :n_streams_per_task] for k in ("states", "actions", "rewards", "next_states", "noise")
               if k in histories}
     tokens, actions = stream_tokens({**picked, "horizon": histories["horizon"]})
     tokens, actions = torch.from_numpy(tokens).to(device), torch.from_numpy(actions).to(device)
     T = tokens.shape[1]
 
-    valid = actions != -100  # lapse steps are context only
+    valid = actions != -100  # noise steps are context only
 
     def per_step(logits):
         return F.cross_entropy(logits.transpose(1, 2).float(), actions, ignore_index=-100, reduction="none")  # [N, T]

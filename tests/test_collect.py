@@ -25,7 +25,7 @@ def test_source_learning_curve_rises():
     curve = out["episode_returns"].mean(0) / spec.optimal_returns(goals).mean()
     assert curve[:3].mean() < 0.2  # starts near random
     assert curve[-5:].mean() > 0.85  # and learns
-    assert out["states"].shape == (len(goals), 40 * 20) and not out["lapse"].any()
+    assert out["states"].shape == (len(goals), 40 * 20) and not out["noise"].any()
 
 
 def test_key_to_door_source_learning_curve_rises():
@@ -40,12 +40,25 @@ def test_key_to_door_source_learning_curve_rises():
     assert (out["rewards"].reshape(len(tasks), 100, 50).sum(-1) <= 2).all()
 
 
+def test_step_noise_is_flagged_random_and_corrected():
+    spec = darkroom()
+    goals = np.repeat(spec.tasks("train")[:20], 8, axis=0)
+    cfg = {**SOURCE, "n_episodes": 50, "noise_prob": 0.1, "noise_after_episodes": 30}
+    out = run_q_learning(spec, goals, cfg, np.random.default_rng(0))
+    noise = out["noise"].reshape(len(goals), 50, 20)
+    assert not noise[:, :30].any() and 0.07 < noise[:, 30:].mean() < 0.13
+    actions = out["actions"].reshape(len(goals), 50, 20)
+    assert np.bincount(actions[:, 30:][noise[:, 30:]], minlength=5).min() > 0.1 * noise[:, 30:].sum()  # uniform-ish
+    frac = out["episode_returns"][:, 40:] / spec.optimal_returns(goals)[:, None]
+    assert frac.mean() > 0.8  # the source still solves the task around its wrong steps
+
+
 def test_lapses_are_random_episodes_flagged_and_followed_by_a_return_to_the_goal():
     spec = darkroom()
     goals = np.repeat(spec.tasks("train")[:20], 8, axis=0)
-    cfg = {**SOURCE, "n_episodes": 60, "lapse_prob": 0.2, "lapse_after_episodes": 30, "lapse_max_episodes": 2}
+    cfg = {**SOURCE, "n_episodes": 60, "lapse_prob": 0.2, "noise_after_episodes": 30, "lapse_max_episodes": 2}
     out = run_q_learning(spec, goals, cfg, np.random.default_rng(0))
-    lapse = out["lapse"].reshape(len(goals), 60, 20)
+    lapse = out["noise"].reshape(len(goals), 60, 20)
     assert (lapse == lapse[..., :1]).all()  # whole episodes
     episode_lapse = lapse[..., 0]
     assert not episode_lapse[:, :30].any() and 0.1 < episode_lapse[:, 30:].mean() < 0.4

@@ -35,13 +35,13 @@ def test_tokens_carry_previous_transition_current_state_and_episode_start():
     assert (np.concatenate(online) == tokens[0]).all()
 
 
-def test_lapse_steps_are_context_but_never_targets():
+def test_noise_steps_are_context_but_never_targets():
     h = labelled_histories(T=40)
-    h["lapse"] = np.zeros(h["states"].shape, bool)
-    h["lapse"][:, :, 20:40] = True
+    h["noise"] = np.zeros(h["states"].shape, bool)
+    h["noise"][:, :, 20:40] = True
     tokens, targets = stream_tokens(h)
     assert (targets[:, 20:] == -100).all() and (targets[:, :20] >= 0).all()
-    assert (tokens[:, 21:, PREV_ACTION] >= 0).all()  # the lapse's actions are still in the context
+    assert (tokens[:, 21:, PREV_ACTION] >= 0).all()  # the noise actions are still in the context
 
 
 def test_ad_windows_never_cross_streams_and_align_targets():

@@ -66,6 +66,18 @@ def test_checkpoint_has_exactly_the_seed_keys_and_loads_into_compressed_ad(tmp_p
             assert torch.equal(v, ckpt[f"{part}_state_dict"][k]), (part, k)
 
 
+def test_a_stage1_checkpoint_of_another_env_is_refused(tmp_path):
+    mcfg = pretrain_cfg()
+    path = tmp_path / "enc.pt"
+    darkroom = dict(compose_cfg("collect", []).env)
+    key_door = dict(compose_cfg("collect", ["env=dark_key_to_door"]).env)
+    torch.save(stage1_checkpoint(EncoderPretrainModel(N_STATES, N_ACTIONS, mcfg), 3, {"env": key_door}), path)
+    model = build_model(mcfg, N_STATES, N_ACTIONS)  # the same shapes: only the env tells them apart
+    with pytest.raises(CheckpointError, match=r"(?s)another env config.*'name': \('dark_key_to_door', 'darkroom'\)"):
+        load_stage1(model, path, darkroom)
+    assert load_stage1(model, path, key_door)["global_step"] == 3
+
+
 def test_wrong_shape_and_missing_file_give_clear_errors(tmp_path):
     small = EncoderPretrainModel(N_STATES, N_ACTIONS, pretrain_cfg(n_latent=8))
     path = tmp_path / "small.pt"
