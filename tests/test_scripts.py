@@ -1,6 +1,7 @@
 """End-to-end runs of the real scripts at tiny sizes, as a user runs them."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -133,7 +134,9 @@ def test_two_cpu_processes_through_accelerate_launch(tiny_data, tmp_path):
     out = run_script("train.py", *tiny_data, f"run_root={runs}", *TINY_TRAIN["ad_dr"], "run_name=ddp",
                      "log_first_batch=true", launcher=launcher, env={"CUDA_VISIBLE_DEVICES": ""})
     assert "2 process(es)" in out.stdout
-    seen = [json.loads(line.split("BATCH ", 1)[1]) for line in out.stdout.splitlines() if "BATCH " in line]
+    # Two ranks share stdout, so their records can land on one line: find each record, not each line.
+    seen = [json.loads(record) for record in re.findall(r"BATCH (\{[^{}]*\})", out.stdout)]
+    assert len(seen) >= 2
     by_rank = {}
     for record in seen:
         by_rank.setdefault(record["rank"], set()).update(record["index"])
