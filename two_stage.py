@@ -99,13 +99,15 @@ def overrides_for(config_name: str, overrides: list[str], base: list[str]) -> li
     """The overrides whose key exists in `config_name` composed with `base` (and `++key` ones, which add keys)."""
     from omegaconf import OmegaConf
 
-    groups = [o for o in overrides if o.split("=", 1)[0] in ("experiment", "env", "algorithm")]
+    # evaluate.py reads env and algorithm from the checkpoint: its config has no such groups
+    group_keys = ("experiment",) if config_name == "evaluate" else ("experiment", "env", "algorithm")
+    groups = [o for o in overrides if o.split("=", 1)[0] in group_keys]
     cfg = composed(config_name, [*base, *groups])
     absent = object()  # a key set to null is present
     kept = []
     for o in overrides:
         key = o.split("=", 1)[0]
-        if key.startswith("++") or key in ("experiment", "env", "algorithm") \
+        if key.startswith("++") or key in group_keys \
                 or OmegaConf.select(cfg, key.lstrip("+~"), default=absent) is not absent:
             kept.append(o)
     return kept

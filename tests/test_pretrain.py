@@ -217,3 +217,11 @@ def test_wrapper_routes_stage_keys_and_refuses_unknown_ones():
     args, overrides = parse_args(["model.pretrain_stepz=4"])
     with pytest.raises(SystemExit, match="no stage has a config key"):
         plan(args, overrides)
+
+
+def test_wrapper_picks_the_env_s_model_and_run_dirs():
+    args, overrides = parse_args(["env=dark_key_to_door", "experiment=quick", "--num-processes", "1"])
+    _, stage1, stage2, evaluate = plan(args, overrides)
+    assert "model=ad_compressed_dktd" in stage2 and "env=dark_key_to_door" in stage1
+    assert any(p.startswith("model.pretrained_encoder_path=runs/pretrain-encoder-dark_key_to_door-seed0/") for p in stage2)
+    assert any("compressed-ad-dark_key_to_door-seed0" in p for p in evaluate)
