@@ -150,7 +150,7 @@ def train(cfg: DictConfig) -> dict:
     world = accelerator.num_processes
     spec = validate_config(cfg, world)
     train_set = build_dataset(mcfg, load_histories(cfg, "train"), seed=cfg.seed)
-    held_out = {split: load_histories(cfg, split) for split in ("val", *cfg.final_eval_splits)}
+    held_out = {split: load_histories(cfg, split) for split in dict.fromkeys(("val", *cfg.final_eval_splits))}  # each split read once
     source_curves = load_metadata(cfg)["learning_curve"]
 
     set_seed(cfg.seed)  # same initial weights on every rank
