@@ -6,10 +6,11 @@ algorithm configs, so a changed config never reuses old data): `train.npz`, `val
 targets) of shape [n_tasks, n_streams, T] and `tasks` [n_tasks, task_dim]; `metadata.json` (written last, so its presence marks a complete
 dataset) holds the config, the task split and the source algorithm's learning curve.
 
-Datasets index windows of one stream, never across streams or tasks, and implement
+AD's dataset indexes windows of one stream, never across streams or tasks, and implements
 `__getitems__`, so a DataLoader gathers a whole batch with one vectorized numpy indexing step.
-Every dataset trains on every step of a stream equally often (uniform target density), the first
-episodes included: that start is where in-context learning is measured.
+CompressedAD's `HistoryLanes` reads whole streams in order, a few segments a step. Both train on
+every step of a stream equally often (uniform target density), the first episodes included: that
+start is where in-context learning is measured.
 """
 from __future__ import annotations
 
@@ -170,182 +171,115 @@ class ADDataset(Dataset):
         return {k: v[0] for k, v in self.__getitems__([index]).items()}
 
 
-class ADStreamDataset(Dataset):
-    """CompressedAD `stream` mode: spans of `span_segments` consecutive segments of one stream, the
-    segments being those the rollout's compression schedule cuts the stream into from its first step
-    (model/schedule.py); index = (stream, first segment).
+class HistoryLanes:
+    """CompressedAD's training data: `n_lanes` lanes, each reading whole learning histories in order,
+    `segments_per_step` segments per optimizer step.
 
-    A sample holds the whole stream's tokens (the model compresses everything before the span, as the
-    rollout would have) and targets only in the span. First segments run from -(span_segments - 1)
-    to the last segment and spans are cut to the stream, so every step is a target equally often.
+    A segment is the span of steps during which the rollout holds the latents L_k (model/schedule.py cuts
+    a history into them from its first step); segment k >= 1 begins with compression k. A lane's batch row
+    holds, for each of its segments this step, the chunk that compression compresses, the raw window the
+    decoder sees and the targets in it; the model carries the lane's memory from segment to segment and
+    from step to step (CompressedAD.forward). Every step of a stream is a target exactly once per epoch.
+
+    Which segments a lane reads at a step is a function of (seed, step, lane) alone, so a resume needs only
+    the carried latents: lane i reads histories j = i, i + n_lanes, i + 2 n_lanes, ... of a sequence that
+    lists every stream once per epoch, in an order drawn from (seed, epoch). Lanes start staggered (lane i at
+    segment i * n_segments // n_lanes of its first history), so every batch mixes depths. With
+    `segments_per_step` null every step reads `n_lanes` whole histories from their first step: nothing is
+    carried between steps. `memory_restart`: the probability that a lane's memory restarts empty at a
+    segment (k >= 1), as if its history began there (augmentation; the states `clear` and `truncate` test).
     """
 
-    def __init__(self, histories: dict, schedule: CompressionSchedule, span_segments: int, memory_restart: float = 0.0,
-                 seed: int = 0):
+    def __init__(self, histories: dict, schedule: CompressionSchedule, n_lanes: int, segments_per_step: int | None,
+                 seed: int = 0, memory_restart: float = 0.0):
         self.tokens, self.actions = stream_tokens(histories)
-        self.memory_restart, self.seed = memory_restart, seed
         self.n_streams, self.T = self.actions.shape
-        if span_segments < 1:
-            raise DatasetError(f"stream_span_segments={span_segments} must be >= 1.")
-        self.segments = schedule.segments(self.T)
-        self.n_segments = self.segments.n_compressions + 1
-        self.span = span_segments
-        self.n_starts = self.n_segments + span_segments - 1
-        self.segment_of = self.segments.segment_of(np.arange(self.T))  # [T]
+        self.n_lanes, self.seed, self.memory_restart = n_lanes, seed, memory_restart
+        seg = schedule.segments(self.T)
+        self.n_segments = seg.n_compressions + 1
+        if segments_per_step is not None and segments_per_step < 1:
+            raise DatasetError(f"segments_per_step={segments_per_step} must be >= 1, or null for whole histories.")
+        self.whole_histories = segments_per_step is None or segments_per_step >= self.n_segments
+        self.segments_per_step = self.n_segments if self.whole_histories else segments_per_step
+        self.offset = np.zeros(n_lanes, np.int64) if self.whole_histories else np.arange(n_lanes) * self.n_segments // n_lanes
+        # per segment k: the token positions of its chunk (k = 0 has none: a placeholder), of its window, its targets
+        chunk_start = np.concatenate([[0], seg.chunk_start])
+        self.chunk_t = np.minimum(chunk_start[:, None] + np.arange(schedule.chunk), self.T - 1)  # [K + 1, c]
+        window = int((seg.end - seg.window_start).max())
+        t = seg.window_start[:, None] + np.arange(window)
+        self.is_target = (t >= seg.first_target[:, None]) & (t < seg.end[:, None])  # [K + 1, W]
+        self.window_t = np.minimum(t, self.T - 1)
+        self._orders = {}
 
-    def __len__(self) -> int:
-        return self.n_streams * self.n_starts
+    @property
+    def targets_per_epoch(self) -> int:
+        return int((self.actions != -100).sum())
 
-    def __getitems__(self, indices) -> dict:
-        indices = np.asarray(indices, dtype=np.int64)
-        stream, first = np.divmod(indices, self.n_starts)
-        first = first - (self.span - 1)
-        last = np.minimum(first + self.span, self.n_segments)  # exclusive
-        first = np.maximum(first, 0)
-        in_span = (self.segment_of[None] >= first[:, None]) & (self.segment_of[None] < last[:, None])
-        # with probability memory_restart the memory begins empty after a random compression before the span
-        restart = hashed_ints(indices, self.seed * 7919 + 11, 0, 2**40 - 1) / 2.0**40 < self.memory_restart
-        memory_start = np.where(restart, hashed_ints(indices, self.seed * 7919 + 12, 0, first), 0)
+    def _stream(self, j: np.ndarray) -> np.ndarray:
+        """The stream of the j-th history in the reading sequence (every stream once per epoch)."""
+        epoch, pos = np.divmod(j, self.n_streams)
+        out = np.empty_like(j)
+        for e in np.unique(epoch):
+            if e not in self._orders:
+                if len(self._orders) > 4:
+                    self._orders.pop(min(self._orders))
+                self._orders[e] = np.random.default_rng([self.seed, int(e)]).permutation(self.n_streams)
+            out[epoch == e] = self._orders[e][pos[epoch == e]]
+        return out
+
+    def position(self, step: int, lanes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(history j, segment k) of each lane's segments at `step`: [L, S] each."""
+        g = self.offset[lanes, None] + step * self.segments_per_step + np.arange(self.segments_per_step)
+        h, k = np.divmod(g, self.n_segments)
+        return h * self.n_lanes + lanes[:, None], k
+
+    def restarts(self, j: np.ndarray, k: np.ndarray) -> np.ndarray:
+        """Whether the memory of history j restarts empty at segment k (never at k = 0, which is empty anyway)."""
+        if not self.memory_restart:
+            return np.zeros(np.shape(k), bool)
+        u = hashed_ints(np.asarray(j) * self.n_segments + k, self.seed * 7919 + 13, 0, 2**40 - 1) / 2.0**40
+        return (u < self.memory_restart) & (np.asarray(k) >= 1)
+
+    def batch(self, step: int, lanes: np.ndarray) -> dict:
+        """The tokens of `lanes`' segments at `step` (model input, see CompressedAD.forward)."""
+        return self.segments(*self.position(step, lanes))
+
+    def segments(self, j: np.ndarray, k: np.ndarray) -> dict:
+        """The tokens of segments k [L, S] of histories j [L, S]; `index` names each segment (stream * n_segments
+        + k) and targets are -100 outside a segment's own steps and on noise."""
+        stream = self._stream(j)
+        t = self.window_t[k]  # [L, S, W]
         return {
-            "index": torch.from_numpy(indices),
-            "tokens": torch.from_numpy(self.tokens[stream]),
-            "target_actions": torch.from_numpy(np.where(in_span, self.actions[stream], -100)),
-            "first_segment": torch.from_numpy(first),
-            "n_segments": torch.from_numpy(last - first),
-            "memory_start": torch.from_numpy(memory_start),
+            "index": torch.from_numpy(stream * self.n_segments + k),
+            "chunks": torch.from_numpy(self.tokens[stream[..., None], self.chunk_t[k]]),
+            "windows": torch.from_numpy(self.tokens[stream[..., None], t]),
+            "target_actions": torch.from_numpy(np.where(self.is_target[k], self.actions[stream[..., None], t], -100)
+                                               .reshape(-1, t.shape[-1])),
+            "memory_reset": torch.from_numpy((k == 0) | self.restarts(j, k)),
         }
 
-    def __getitem__(self, index: int) -> dict:
-        return {k: v[0] for k, v in self.__getitems__([index]).items()}
-
-
-class ADCompressedDataset(Dataset):
-    """CompressedAD `chains` mode: contiguous history of one stream cut into a compression chain; index = (stream, start).
-
-    A sample has depth k in [min_depth, max_compression_depth] (uniform unless `depth_weights`), k chunks of lengths in
-    [min_compress_length, max_compress_length] that the model compresses stage by stage, then an
-    uncompressed part of length in [min_uncompressed_length, max_uncompressed_length] whose actions
-    are the targets. Arrays are padded to the maxima (`chunk_lengths` = 0 marks a missing stage,
-    targets of -100 mark padding); `collate_compressed_batch` trims them to the batch's longest.
-
-    With `cut_chain_to_fit` (training) the uncompressed part starts uniformly over the stream and the
-    chain keeps only the chunks that fit before it, so targets are uniform over the stream, its first
-    episodes included. Without it (stage-1 chains) every chain keeps its depth and the uncompressed
-    part is spread over the positions the chain leaves room for.
-    """
-
-    def __init__(self, histories: dict, max_compression_depth: int, min_compress_length: int, max_compress_length: int,
-                 min_uncompressed_length: int, max_uncompressed_length: int, seed: int = 0, min_depth: int = 0,
-                 depth_weights=None, cut_chain_to_fit: bool = True):
-        self.tokens, self.actions = stream_tokens(histories)
-        self.depth_range = (min_depth, max_compression_depth)
-        n_depths = max_compression_depth - min_depth + 1
-        weights = np.ones(n_depths) if depth_weights is None else np.asarray(depth_weights, dtype=np.float64)
-        if len(weights) != n_depths or (weights < 0).any() or weights.sum() <= 0:
-            raise DatasetError(f"depth_weights {list(weights)} must be {n_depths} non-negative numbers, one per depth "
-                               f"{min_depth}..{max_compression_depth}.")
-        self.depth_cdf = np.cumsum(weights) / weights.sum()
-        self.compress_range = (min_compress_length, max_compress_length)
-        self.uncompressed_range = (min_uncompressed_length, max_uncompressed_length)
-        self.seed = seed
-        self.cut_chain_to_fit = cut_chain_to_fit
-        self.n_streams, T = self.actions.shape
-        self.max_span = max_compression_depth * max_compress_length + max_uncompressed_length
-        if self.max_span > T:
-            raise DatasetError(f"A depth-{max_compression_depth} sample spans up to {self.max_span} steps but streams have {T}: "
-                               f"lower the compression lengths or collect more episodes.")
-        # cut: uncompressed parts start from -(max_uncompressed_length - 1) and are cut to the stream, so
-        # every step is a target equally often; otherwise every part lies whole inside the stream
-        self.n_starts = T + max_uncompressed_length - 1 if cut_chain_to_fit else T - max_uncompressed_length + 1
-
-    def __len__(self) -> int:
-        return self.n_streams * self.n_starts
-
-    def sample_layout(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per index, as drawn (before any cut): depth [B], chunk lengths [B, D] (0 beyond the depth), uncompressed length [B]."""
-        D = self.depth_range[1]
-        u = hashed_ints(indices, self.seed * 7919 + 1, 0, 2**40 - 1) / 2.0**40
-        depth = self.depth_range[0] + np.minimum(np.searchsorted(self.depth_cdf, u, side="right"), len(self.depth_cdf) - 1)
-        chunk_len = np.stack([hashed_ints(indices, self.seed * 7919 + 2 + j, *self.compress_range) for j in range(D)], axis=1) \
-            if D else np.zeros((len(indices), 0), np.int64)
-        chunk_len = np.where(np.arange(D) < depth[:, None], chunk_len, 0)
-        uncompressed_len = hashed_ints(indices, self.seed * 7919 + 100, *self.uncompressed_range)
-        return depth, chunk_len, uncompressed_len
-
-    def __getitems__(self, indices) -> dict:
-        indices = np.asarray(indices, dtype=np.int64)
-        stream, start = np.divmod(indices, self.n_starts)
-        depth, chunk_len, uncompressed_len = self.sample_layout(indices)
-        T, D = self.tokens.shape[1], chunk_len.shape[1]
-        if self.cut_chain_to_fit:  # the uncompressed part covers [start, start + length) cut to the stream; the chain
-            # keeps the newest chunks that fit before it
-            start = start - (self.uncompressed_range[1] - 1)
-            u_start = np.maximum(start, 0)
-            uncompressed_len = np.minimum(T, start + uncompressed_len) - u_start  # <= 0: a sample without targets
-            fits = (np.cumsum(chunk_len[:, ::-1], 1)[:, ::-1] <= u_start[:, None]) & (chunk_len > 0)
-            depth = fits.sum(1)
-            dropped = (chunk_len > 0).sum(1) - depth
-            shifted = np.take_along_axis(chunk_len, np.minimum(np.arange(D)[None] + dropped[:, None], max(D - 1, 0)), 1) \
-                if D else chunk_len
-            chunk_len = np.where(np.arange(D)[None] < depth[:, None], shifted, 0)
-            start = u_start - chunk_len.sum(1)  # chain start
-        else:  # the uncompressed part spread over [chain length, T - max_uncompressed_length]
-            chain = chunk_len.sum(1)
-            last = T - self.uncompressed_range[1]
-            start = (chain + start * (last - chain) // max(1, last)) - chain
-        chunk_start = start[:, None] + np.concatenate([np.zeros((len(indices), 1), np.int64), np.cumsum(chunk_len, 1)[:, :-1]], 1) \
-            if D else np.zeros((len(indices), 0), np.int64)
-        t_chunks = np.minimum(chunk_start[..., None] + np.arange(self.compress_range[1]), T - 1)  # [B, D, Lc]
-        t_recent = np.minimum((start + chunk_len.sum(1))[:, None] + np.arange(self.uncompressed_range[1]), T - 1)
-        targets = self.actions[stream[:, None], t_recent]
-        targets[np.arange(self.uncompressed_range[1]) >= uncompressed_len[:, None]] = -100
-        return {
-            "index": torch.from_numpy(indices),
-            "chunks": torch.from_numpy(self.tokens[stream[:, None, None], t_chunks]),
-            "chunk_lengths": torch.from_numpy(chunk_len),
-            "depth": torch.from_numpy(depth),
-            "tokens": torch.from_numpy(self.tokens[stream[:, None], t_recent]),
-            "target_actions": torch.from_numpy(targets),
-        }
-
-    def __getitem__(self, index: int) -> dict:
-        return {k: v[0] for k, v in self.__getitems__([index]).items()}
-
-
-def collate_compressed_batch(batch: dict) -> dict:
-    """Trim a batch from `ADCompressedDataset.__getitems__` to its longest chunk, deepest stage and
-    longest uncompressed part."""
-    lengths = batch["chunk_lengths"]
-    depth = int(batch["depth"].max()) if len(batch["depth"]) else 0
-    longest_chunk = max(1, int(lengths.max())) if lengths.numel() else 1
-    longest_recent = max(1, int((batch["target_actions"] != -100).sum(1).max()))
-    out = dict(batch)
-    out["chunks"] = batch["chunks"][:, :depth, :longest_chunk]
-    out["chunk_lengths"] = lengths[:, :depth]
-    out["tokens"] = batch["tokens"][:, :longest_recent]
-    out["target_actions"] = batch["target_actions"][:, :longest_recent]
-    return out
+    def carried(self, step: int, lanes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What each lane's carried memory at the start of `step` should be, exactly: L_k of `stream`'s history
+        with its memory begun empty at segment `start` (its last restart, else 0). Where k = start it is L_0.
+        Returns (stream, k, start), [L] each (the warm start at step 0, and the staleness reference)."""
+        j, first = (x[:, 0] for x in self.position(step, lanes))
+        k = np.maximum(first - 1, 0)  # a history's first segment starts from L_0: nothing carried
+        segments = np.arange(self.n_segments)
+        restarted = self.restarts(j[:, None], segments[None]) & (segments[None] <= k[:, None])
+        start = np.where(restarted.any(1), self.n_segments - 1 - np.argmax(restarted[:, ::-1], 1), 0)
+        return self._stream(j), k, start
 
 
 def compression_schedule(model_cfg) -> CompressionSchedule:
     return CompressionSchedule(window=model_cfg.max_uncompressed_length, chunk=model_cfg.rollout_compress_length)
 
 
-def build_dataset(model_cfg, histories: dict, seed: int = 0) -> Dataset:
-    """The training dataset a model needs, from its config group."""
+def build_dataset(model_cfg, histories: dict, seed: int = 0) -> ADDataset | HistoryLanes:
+    """The training data a model needs, from its config group: AD's windows (a torch Dataset) or CompressedAD's
+    lanes (`train_batch_size` of them, global)."""
     if model_cfg.model == "AD":
         return ADDataset(histories, model_cfg.n_transit)
-    if model_cfg.model == "CompressedAD" and model_cfg.training_mode == "stream":
-        return ADStreamDataset(histories, compression_schedule(model_cfg), model_cfg.stream_span_segments,
-                               model_cfg.get("stream_memory_restart", 0.0), seed=seed)
     if model_cfg.model == "CompressedAD":
-        return ADCompressedDataset(
-            histories, model_cfg.max_compression_depth, model_cfg.min_compress_length, model_cfg.max_compress_length,
-            model_cfg.min_uncompressed_length, model_cfg.max_uncompressed_length, seed=seed,
-        )
+        return HistoryLanes(histories, compression_schedule(model_cfg), model_cfg.train_batch_size,
+                            model_cfg.segments_per_step, seed=seed, memory_restart=model_cfg.memory_restart)
     raise ValueError(f"No dataset for model '{model_cfg.model}'.")
-
-
-def collate_fn_for(model_cfg):
-    chains = model_cfg.model == "CompressedAD" and model_cfg.get("training_mode") != "stream"
-    return collate_compressed_batch if chains else collate_batched

@@ -88,7 +88,7 @@ class EncoderPretrainModel(nn.Module):
         self.embed_context = nn.Linear(token_dim(n_states, n_actions), mcfg.tf_n_embd)
         self.embed_ln = nn.LayerNorm(mcfg.tf_n_embd)
         self.encoder = CompressionEncoder(mcfg.n_latent, mcfg.tf_n_embd, mcfg.encoder_n_layer, mcfg.encoder_n_head,
-                                          mcfg.get("encoder_dropout") if mcfg.get("encoder_dropout") is not None else mcfg.tf_dropout,
+                                          mcfg.encoder_dropout,
                                           mcfg.max_compress_length, mcfg.get("latent_write", "replace"))
         self.decoder = ReconstructionDecoder(mcfg.n_latent, mcfg.tf_n_embd, mcfg.pretrain_decoder_n_layer,
                                              mcfg.tf_n_head, mcfg.max_compress_length, n_states, n_actions)

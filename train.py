@@ -25,31 +25,51 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from dataset import build_dataset, collate_fn_for, histories_dir, load_histories, load_metadata
+from dataset import HistoryLanes, build_dataset, collate_batched, histories_dir, load_histories, load_metadata
 from env import make_env_spec
 from evaluate import held_out_loss, result_name, run_in_context, summarize, write_results
 from model import MODELS, build_model, check_sizes
 from utils.io import atomic_torch_save, load_checkpoint
+from utils.lanes import exact_memory, lane_state, memory_staleness, restore_lanes
 from utils.stage1 import freeze_stage1, load_stage1
 from utils.run import (RunDirError, TrainingError, UserConfigError, config_as_markdown, cosine_schedule, exit_on_user_error,
                        make_optimizer, newest_checkpoint, plain_config, prepare_for_training, prepare_run_dir, restore_rng_states,
                        rng_states)
 
 
-def action_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
-    """Cross-entropy of the predicted actions (targets of -100 are ignored) and a flat log dict."""
-    logits = model(batch)
+def action_loss(model, batch: dict) -> tuple[torch.Tensor, dict, tuple | None]:
+    """Cross-entropy of the predicted actions (targets of -100 are ignored), a flat log dict, and what
+    the model carries into the next step (CompressedAD's lane memory; None for AD)."""
+    out = model(batch)
+    logits, carried = out if isinstance(out, tuple) else (out, None)
     targets = batch["target_actions"]
     per_token = F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=-100, reduction="none")
     valid = targets != -100
     loss = per_token.sum() / valid.sum()
     acc = (logits.argmax(-1) == targets)[valid].float().mean()
-    return loss, {"loss_action": loss.detach(), "acc_action": acc.detach(), "n_targets": valid.sum().float()}
+    return loss, {"loss_action": loss.detach(), "acc_action": acc.detach(), "n_targets": valid.sum().float()}, carried
 
 
-def save_checkpoint(path: Path, accelerator, model, optimizer, scheduler, step: int, cfg: DictConfig) -> None:
-    """Everything a resume needs: weights, optimizer, scheduler, step, config (plain) and every rank's RNG.
-    Data order needs no state: it is a function of (seed, epoch) and the step."""
+def window_batches(loader, generator, seed: int, step: int, accelerator):
+    """AD's batches from optimizer step `step` on. The data order is a function of (seed, epoch), so a resume
+    skips the batches its run had already seen in the epoch."""
+    batches_per_epoch = len(loader)
+    for epoch in count(step // batches_per_epoch):
+        generator.manual_seed(seed * 1_000_003 + epoch)
+        loader.set_epoch(epoch)
+        done_in_epoch = max(0, step - epoch * batches_per_epoch)
+        yield from accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader
+
+
+def lane_batches(lanes: HistoryLanes, my_lanes: np.ndarray, step: int, device):
+    """CompressedAD's batches from optimizer step `step` on: this rank's lanes, a function of the step alone."""
+    for s in count(step):
+        yield {k: v.to(device) for k, v in lanes.batch(s, my_lanes).items()}
+
+
+def save_checkpoint(path: Path, accelerator, model, optimizer, scheduler, step: int, cfg: DictConfig, lanes: dict | None) -> None:
+    """Everything a resume needs: weights, optimizer, scheduler, step, config (plain), every rank's RNG and
+    CompressedAD's carried lane memory. Data order needs no state: it is a function of the seed and the step."""
     states = rng_states(accelerator)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -61,6 +81,7 @@ def save_checkpoint(path: Path, accelerator, model, optimizer, scheduler, step: 
                 "rng_states": states,
                 "global_step": step,
                 "config": {**plain_config(cfg), "dataset": str(histories_dir(cfg))},
+                **({"lanes": lanes} if lanes is not None else {}),
             },
             path,
         )
@@ -143,13 +164,14 @@ def attach_pretrained_encoder(model, mcfg, env_cfg, verbose: bool) -> str:
 
 
 def train(cfg: DictConfig) -> dict:
-    # CompressedAD leaves parameters unused in some batches (no encoder before the first compression; truncated stages)
+    # CompressedAD leaves parameters unused in some batches (L_0 where no lane starts a history)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.model.model == "CompressedAD")
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp])
     mcfg = cfg.model
     world = accelerator.num_processes
     spec = validate_config(cfg, world)
     train_set = build_dataset(mcfg, load_histories(cfg, "train"), seed=cfg.seed)
+    lanes = train_set if isinstance(train_set, HistoryLanes) else None
     held_out = {split: load_histories(cfg, split) for split in dict.fromkeys(("val", *cfg.final_eval_splits))}  # each split read once
     source_curves = load_metadata(cfg)["learning_curve"]
 
@@ -161,11 +183,11 @@ def train(cfg: DictConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_schedule(s, mcfg.num_warmup_steps, mcfg.train_timesteps, mcfg.min_lr_ratio)
     )
-    generator = torch.Generator()  # reseeded every epoch: the data order is a function of (seed, epoch)
-    loader = DataLoader(
-        train_set, batch_size=mcfg.train_batch_size // world, shuffle=True, drop_last=True,
-        collate_fn=collate_fn_for(mcfg), generator=generator,
-    )
+    loader = generator = None
+    if lanes is None:
+        generator = torch.Generator()  # reseeded every epoch: the data order is a function of (seed, epoch)
+        loader = DataLoader(train_set, batch_size=mcfg.train_batch_size // world, shuffle=True, drop_last=True,
+                            collate_fn=collate_batched, generator=generator)
     step = 0
     resumed = resume_state(run_dir, cfg) if cfg.resume else None
     if resumed:
@@ -180,6 +202,18 @@ def train(cfg: DictConfig) -> dict:
     set_seed(cfg.seed, device_specific=True)  # different dropout draws per rank
     if resumed:
         restore_rng_states(accelerator, resumed.get("rng_states", []))
+    raw = accelerator.unwrap_model(model, keep_torch_compile=False)
+    carried = None  # CompressedAD: (memory [lanes, n_latent, C], empty [lanes]) of this rank's lanes, carried into the next step
+    if lanes is not None:
+        n_local = lanes.n_lanes // world  # rank r owns lanes r * n_local ... (r + 1) * n_local - 1: disjoint histories
+        my_lanes = np.arange(accelerator.process_index * n_local, (accelerator.process_index + 1) * n_local)
+        if resumed:
+            carried = restore_lanes(resumed.get("lanes"), lanes, my_lanes, resumed["path"], accelerator.device)
+        else:
+            carried = exact_memory(raw, lanes, step, my_lanes, accelerator.device)
+        batches = lane_batches(lanes, my_lanes, step, accelerator.device)
+    else:
+        batches = window_batches(loader, generator, cfg.seed, step, accelerator)
 
     n_params = sum(p.numel() for p in model.parameters())
     writer = None
@@ -190,13 +224,13 @@ def train(cfg: DictConfig) -> dict:
         writer.add_text("config", config_as_markdown(cfg))
         if stage1_note:
             writer.add_text("pretrained_encoder", stage1_note)
-        print(f"{mcfg.model}: {n_params:,} parameters, {len(train_set):,} training samples, "
-              f"{world} process(es), global batch {mcfg.train_batch_size} -> {run_dir}")
+        data = (f"{lanes.n_lanes} lanes x {lanes.segments_per_step} of {lanes.n_segments} segments a step, "
+                f"{lanes.n_streams:,} histories" if lanes else f"{len(train_set):,} training samples")
+        print(f"{mcfg.model}: {n_params:,} parameters, {data}, {world} process(es), global batch {mcfg.train_batch_size} -> {run_dir}")
 
     def evaluate_now(step: int, split: str, full: bool) -> dict:
         """In-context evaluation and held-out loss on one split. Validation (`eval/*`, `val/*`) decides
         every choice; the test tasks (`test/*`, eval/test.json) are evaluated once, at the end."""
-        raw = accelerator.unwrap_model(model, keep_torch_compile=False)
         tasks = spec.tasks(split)
         n_envs = cfg.eval.n_envs_per_task if full else cfg.eval_envs_per_task_during_training
         rollout = run_in_context(raw, spec, tasks, cfg.eval.n_episodes, n_envs, cfg.eval.seed, cfg.eval.use_cache,
@@ -226,56 +260,57 @@ def train(cfg: DictConfig) -> dict:
     logs_sum, n_logged = {}, 0
     bar = tqdm(total=mcfg.train_timesteps, initial=step, disable=not accelerator.is_local_main_process, desc="train",
                mininterval=0.5 if sys.stderr.isatty() else 30)
-    batches_per_epoch = len(loader)
-    for epoch in count(step // batches_per_epoch):
-        if step >= mcfg.train_timesteps:
+    for batch in batches if step < mcfg.train_timesteps else ():
+        if cfg.log_first_batch and step == 0:
+            print(f"BATCH {json.dumps({'rank': accelerator.process_index, 'index': batch['index'].flatten().tolist()})}", flush=True)
+        if carried is not None:
+            batch["memory"], batch["memory_empty"] = carried
+        loss, logs, carried_out = action_loss(model, batch)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"Loss is {loss.item()} at step {step}: stopped. The last checkpoint in {run_dir} is intact; "
+                                f"lower model.lr or use mixed_precision=no.")
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), mcfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if carried is not None:
+            carried = (carried_out[0].float().contiguous(), carried_out[1])
+        step += 1
+        bar.update(1)
+
+        for k, v in logs.items():
+            logs_sum[k] = logs_sum.get(k, 0.0) + v
+        n_logged += 1
+        if step % cfg.log_interval == 0 or step == mcfg.train_timesteps:
+            means = {k: accelerator.reduce(logs_sum[k] / n_logged, reduction="mean").item() for k in ("loss_action", "acc_action")}
+            n_targets = accelerator.reduce(logs_sum["n_targets"], reduction="sum").item()
+            if carried is not None and not lanes.whole_histories:  # how far the carried memory is from the current weights'
+                means["memory_staleness"] = accelerator.reduce(memory_staleness(raw, lanes, step, my_lanes, carried),
+                                                               reduction="mean").item()
+            if writer is not None:
+                for k, v in means.items():
+                    writer.add_scalar(f"train/{k}", v, step)
+                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+                writer.add_scalar("train/grad_norm", float(grad_norm), step)
+                seconds = time.perf_counter() - t_start
+                writer.add_scalar("train/seconds_per_step", seconds / (step - start_step), step)
+                writer.add_scalar("train/targets_per_step", n_targets / n_logged, step)
+            bar.set_postfix(loss=f"{means['loss_action']:.3f}", acc=f"{means['acc_action']:.3f}", refresh=False)
+            logs_sum, n_logged = {}, 0
+
+        final = step == mcfg.train_timesteps
+        if cfg.eval_interval and step % cfg.eval_interval == 0 or final:
+            if accelerator.is_main_process:
+                for split in cfg.final_eval_splits if final else ("val",):
+                    result[split] = evaluate_now(step, split, full=final)
+            accelerator.wait_for_everyone()
+        if step % cfg.save_interval == 0 or final:
+            state = lane_state(lanes, accelerator, carried) if carried is not None else None
+            save_checkpoint(run_dir / ("checkpoint-final.pt" if final else f"checkpoint-step{step}.pt"),
+                            accelerator, model, optimizer, scheduler, step, cfg, state)
+        if final:
             break
-        generator.manual_seed(cfg.seed * 1_000_003 + epoch)
-        loader.set_epoch(epoch)
-        done_in_epoch = step - epoch * batches_per_epoch
-        for batch in accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader:
-            if cfg.log_first_batch and step == 0:
-                print(f"BATCH {json.dumps({'rank': accelerator.process_index, 'index': batch['index'].tolist()})}", flush=True)
-            loss, logs = action_loss(model, batch)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"Loss is {loss.item()} at step {step}: stopped. The last checkpoint in {run_dir} is intact; "
-                                    f"lower model.lr or use mixed_precision=no.")
-            accelerator.backward(loss)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), mcfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-
-            for k, v in logs.items():
-                logs_sum[k] = logs_sum.get(k, 0.0) + v
-            n_logged += 1
-            if step % cfg.log_interval == 0 or step == mcfg.train_timesteps:
-                means = {k: accelerator.reduce(logs_sum[k] / n_logged, reduction="mean").item() for k in ("loss_action", "acc_action")}
-                n_targets = accelerator.reduce(logs_sum["n_targets"], reduction="sum").item()
-                if writer is not None:
-                    for k, v in means.items():
-                        writer.add_scalar(f"train/{k}", v, step)
-                    writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
-                    writer.add_scalar("train/grad_norm", float(grad_norm), step)
-                    seconds = time.perf_counter() - t_start
-                    writer.add_scalar("train/seconds_per_step", seconds / (step - start_step), step)
-                    writer.add_scalar("train/targets_per_step", n_targets / n_logged, step)
-                bar.set_postfix(loss=f"{means['loss_action']:.3f}", acc=f"{means['acc_action']:.3f}", refresh=False)
-                logs_sum, n_logged = {}, 0
-
-            final = step == mcfg.train_timesteps
-            if cfg.eval_interval and step % cfg.eval_interval == 0 or final:
-                if accelerator.is_main_process:
-                    for split in cfg.final_eval_splits if final else ("val",):
-                        result[split] = evaluate_now(step, split, full=final)
-                accelerator.wait_for_everyone()
-            if step % cfg.save_interval == 0 or final:
-                save_checkpoint(run_dir / ("checkpoint-final.pt" if final else f"checkpoint-step{step}.pt"),
-                                accelerator, model, optimizer, scheduler, step, cfg)
-            if final:
-                break
     bar.close()
     if writer is not None:
         writer.close()

@@ -10,7 +10,8 @@ plus compressed tokens for CompressedAD) and model FLOP/s as a share of `--peak-
 bf16 peak of the GPU: H100/H200 SXM 989). FLOPs are counted as 6 x (matmul parameters) per token
 plus the attention score/value products; they are an estimate, as in nanoGPT's MFU.
 
-A few minutes at most on one GPU. `--device cpu --steps 2 --batch-scale 0.02` is a smoke test.
+A few minutes at most on one GPU. Without a GPU it says so and runs its smoke size on the CPU
+(`--steps 2 --batch-scale 0.02`); `--device cpu` times the CPU at the sizes given.
 """
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ sys.path.insert(0, str(ROOT))
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from model import build_model  # noqa: E402
-from model.schedule import CompressionSchedule  # noqa: E402
 from model.tokens import random_tokens as tokens_in_range  # noqa: E402
 from utils.run import make_optimizer  # noqa: E402
 
@@ -43,26 +43,25 @@ def random_tokens(shape, device) -> torch.Tensor:
     return tokens_in_range(shape, N_STATES, N_ACTIONS).to(device)
 
 
-STREAM_LENGTH = 1200  # a Darkroom learning history: 60 episodes of 20 steps
-
-
 def make_batch(cfg, batch_size: int, device) -> tuple[dict, int]:
     """A batch of the model's training shape; returns (batch, tokens processed per step)."""
     if cfg.model == "AD":
         T = cfg.n_transit
         batch = {"tokens": random_tokens((batch_size, T), device)}
         return batch, batch_size * T
-    if cfg.training_mode == "stream":  # spans ending at the stream's end: the deepest (costliest) spans
-        n_segments = CompressionSchedule(cfg.max_uncompressed_length, cfg.rollout_compress_length).segments(STREAM_LENGTH).n_compressions + 1
-        S = min(cfg.stream_span_segments, n_segments)
-        batch = {"tokens": random_tokens((batch_size, STREAM_LENGTH), device),
-                 "first_segment": torch.full((batch_size,), n_segments - S, device=device),
-                 "n_segments": torch.full((batch_size,), S, device=device)}
-        return batch, batch_size * STREAM_LENGTH
-    D, Lc, Lu = cfg.max_compression_depth, cfg.max_compress_length, cfg.max_uncompressed_length
-    batch = {"tokens": random_tokens((batch_size, Lu), device), "chunks": random_tokens((batch_size, D, Lc), device),
-             "chunk_lengths": torch.full((batch_size, D), Lc, device=device)}
-    return batch, batch_size * (Lu + D * Lc)
+    # CompressedAD: lanes, each compressing one chunk and decoding one window per segment
+    S, c, W = cfg.segments_per_step or 1, cfg.rollout_compress_length, cfg.max_uncompressed_length
+    batch = {"chunks": random_tokens((batch_size, S, c), device), "windows": random_tokens((batch_size, S, W), device),
+             "memory": torch.zeros(batch_size, cfg.n_latent, cfg.tf_n_embd, device=device),
+             "memory_empty": torch.zeros(batch_size, dtype=torch.bool, device=device),
+             "memory_reset": torch.zeros(batch_size, S, dtype=torch.bool, device=device)}
+    return batch, batch_size * S * (c + W)
+
+
+def target_shape(cfg, batch: dict) -> tuple:
+    if cfg.model == "AD":
+        return batch["tokens"].shape[:2]
+    return (batch["windows"].shape[0] * batch["windows"].shape[1], batch["windows"].shape[2])
 
 
 def flops_per_step(cfg, batch_size: int) -> float:
@@ -73,21 +72,9 @@ def flops_per_step(cfg, batch_size: int) -> float:
     if cfg.model == "AD":
         T = cfg.n_transit
         return stack(cfg.tf_n_layer, d, batch_size * T, T)
-    if cfg.training_mode == "stream":  # as make_batch: every stage before the span forward only, G per segment with gradient
-        n_lat, c, W = cfg.n_latent, cfg.rollout_compress_length, cfg.max_uncompressed_length
-        K = CompressionSchedule(W, c).segments(STREAM_LENGTH).n_compressions
-        S = min(cfg.stream_span_segments, K + 1)
-        G = cfg.get("grad_compression_stages") or K
-        enc_seq, dec_seq = 2 * n_lat + c, n_lat + W
-        enc = stack(cfg.encoder_n_layer, d, batch_size * enc_seq, enc_seq) * (K / 3 + G * S)
-        return enc + stack(cfg.tf_n_layer, d, batch_size * S * dec_seq, dec_seq)
-    n_lat, D, Lc, Lu = cfg.n_latent, cfg.max_compression_depth, cfg.max_compress_length, cfg.max_uncompressed_length
-    enc_seq = 2 * n_lat + Lc
-    g = cfg.get("grad_compression_stages") or D
-    # stages without gradient cost a forward only (1/3 of fwd+bwd)
-    enc = stack(cfg.encoder_n_layer, d, batch_size * enc_seq, enc_seq) * (min(g, D) + max(0, D - g) / 3)
-    dec_seq = n_lat + Lu
-    return enc + stack(cfg.tf_n_layer, d, batch_size * dec_seq, dec_seq)
+    S, n_lat, c, W = cfg.segments_per_step or 1, cfg.n_latent, cfg.rollout_compress_length, cfg.max_uncompressed_length
+    enc_seq, dec_seq = 2 * n_lat + c, n_lat + W  # upper bounds: the last layer computes only the rows read
+    return stack(cfg.encoder_n_layer, d, batch_size * S * enc_seq, enc_seq) + stack(cfg.tf_n_layer, d, batch_size * S * dec_seq, dec_seq)
 
 
 def bench(name: str, cfg, device, batch_scale: float, steps: int, compile_model: bool, peak_tflops: float) -> None:
@@ -96,12 +83,13 @@ def bench(name: str, cfg, device, batch_scale: float, steps: int, compile_model:
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
     forward = torch.compile(model) if compile_model else model
     batch, n_tokens = make_batch(cfg, batch_size, device)
-    targets = torch.randint(0, N_ACTIONS, batch["tokens"].shape[:2], device=device)
+    targets = torch.randint(0, N_ACTIONS, target_shape(cfg, batch), device=device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16)
 
     def step():
         with amp:
             logits = forward(batch)
+            logits = logits[0] if isinstance(logits, tuple) else logits
         loss = F.cross_entropy(logits.float().transpose(1, 2), targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -128,19 +116,23 @@ def bench(name: str, cfg, device, batch_scale: float, steps: int, compile_model:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", dest="device_given", default=None, help="default: cuda if available, else a CPU smoke run")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch-scale", type=float, default=1.0, help="fraction of the paper batch size")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H100/H200 SXM: 989)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd steps")
     args = p.parse_args()
-    device = torch.device(args.device)
+    device = torch.device(args.device_given or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         print(torch.cuda.get_device_name(), "| flash SDPA enabled:", torch.backends.cuda.flash_sdp_enabled(),
               "| mem-efficient SDPA enabled:", torch.backends.cuda.mem_efficient_sdp_enabled())
-    for name, model in (("AD", "ad_dr"), ("CompressedAD", "ad_compressed_dr"), ("CompressedAD chains", "ad_compressed_dr_chains")):
+    if device.type == "cpu" and args.device_given is None:
+        print("No GPU here: running the small smoke size on the CPU (--steps 2 --batch-scale 0.02); pass --device cpu "
+              "to time the CPU at other sizes.")
+        args.steps, args.batch_scale = 2, 0.02
+    for name, model in (("AD", "ad_dr"), ("CompressedAD", "ad_compressed_dr")):
         cfg = model_cfg(model)
         for compiled in ((False, True) if args.compile else (False,)):
             bench(name + (" compiled" if compiled else ""), cfg, device, args.batch_scale, args.steps, compiled, args.peak_tflops)

@@ -1,14 +1,19 @@
-"""Training-step cost, in one run: training targets per second of CompressedAD against AD with its
-raw window (40) and with a long window (240), and the project's AD step against a bare PyTorch
-transformer of identical shape.
+"""Training-step cost, in one run: training targets per second of CompressedAD against AD with its raw
+window (40) and with a long window (240), on Darkroom and on Dark Key-to-Door; CompressedAD's cost per
+target at shallow and deep history positions; and the project's AD step against a bare PyTorch transformer
+of identical shape.
 
-    python bench/train_step.py [--steps 20] [extra hydra overrides for CompressedAD ...]
+    python bench/train_step.py [--steps 20] [--envs darkroom dark_key_to_door] [extra hydra overrides for CompressedAD ...]
 
-"Project step" = batch gathering from the real dataset + forward + backward + clipping + AdamW, as
-in train.py, at each model's quick-preset batch size. "Targets" = the action predictions the loss
-is taken on (a batch's targets not equal to -100). "Bare" = nn.TransformerEncoder (same width, depth,
-heads, MLP, pre-LN, dropout) on random inputs with the same loss and optimizer.
-Needs the quick dataset (python collect.py experiment=quick).
+"Project step" = batch gathering from the real dataset + forward + backward + clipping + AdamW, as in
+train.py. "Targets" = the action predictions the loss is taken on (targets not equal to -100). CompressedAD
+runs at its quick preset (96 lanes, one segment each a step) and at the AD-240 batch of histories (16 lanes,
+6 segments each: about AD-240's targets a step); "shallow" / "deep" put every lane at the second / the
+last segment(s) of its histories. "Bare" = nn.TransformerEncoder (same width, depth, heads, MLP,
+pre-LN, dropout on the residual branches only, as the project's blocks: no attention-weight dropout) on
+random inputs with the same loss and optimizer. The machines are shared and noisy, so the models' steps are
+timed interleaved, round after round, and each figure is a median over rounds: ratios compare like with like.
+Needs the quick datasets (python collect.py experiment=quick [env=dark_key_to_door]).
 """
 from __future__ import annotations
 
@@ -26,42 +31,54 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from dataset import build_dataset, collate_fn_for, load_histories  # noqa: E402
+from dataset import HistoryLanes, build_dataset, load_histories  # noqa: E402
+from env import make_env_spec  # noqa: E402
 from model import build_model  # noqa: E402
 from model.tokens import token_dim  # noqa: E402
 from train import action_loss  # noqa: E402
+from utils.lanes import exact_memory  # noqa: E402
+
+AD_MODEL = {"darkroom": "ad_dr", "dark_key_to_door": "ad_dktd"}
+COMPRESSED_MODEL = {"darkroom": "ad_compressed_dr", "dark_key_to_door": "ad_compressed_dktd"}
 
 
-def cfg_for(model: str, *extra: str):
+def cfg_for(env: str, model: str, *extra: str):
     with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
-        return compose("train", ["experiment=quick", f"model={model}", *extra])
+        return compose("train", ["experiment=quick", f"env={env}", f"model={model}", *extra])
 
 
-def time_steps(step_fn, n: int) -> tuple[float, float]:
-    """(seconds per step, targets per step), after 3 warm-up steps."""
-    for _ in range(3):
-        step_fn()
-    t0, targets = time.perf_counter(), 0
-    for _ in range(n):
-        targets += step_fn()
-    return (time.perf_counter() - t0) / n, targets / n
-
-
-def project_step(cfg):
-    histories = load_histories(cfg, "train")
-    dataset, collate = build_dataset(cfg.model, histories), collate_fn_for(cfg.model)
-    model = build_model(cfg.model, 81, 5)
+def project_step(cfg, at_segment: int | None = None):
+    """A train.py step of this config on its real dataset; returns a function that runs one and gives its targets.
+    at_segment: every CompressedAD lane reads its segments from there on (None: the lanes' own staggered starts)."""
+    spec = make_env_spec(cfg.env)
+    data = build_dataset(cfg.model, load_histories(cfg, "train"))
+    model = build_model(cfg.model, spec.n_states, spec.n_actions)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
-    batch_size = cfg.model.train_batch_size
+    state = {"step": 0}
+    if isinstance(data, HistoryLanes):
+        lanes = np.arange(data.n_lanes)
+        state["carried"] = exact_memory(model, data, 0, lanes, "cpu")
 
     def step() -> int:
-        batch = collate(dataset.__getitems__(rng.integers(0, len(dataset), batch_size)))
-        loss, logs = action_loss(model, batch)
+        if isinstance(data, HistoryLanes):
+            if at_segment is None:
+                batch = data.batch(state["step"], lanes)
+            else:  # histories 0 .. L - 1, each at segments at_segment, at_segment + 1, ...
+                S = data.segments_per_step
+                batch = data.segments(np.repeat(lanes[:, None], S, 1), np.full((len(lanes), S), at_segment) + np.arange(S))
+                state["carried"] = (state["carried"][0], torch.zeros(len(lanes), dtype=torch.bool))  # a memory to compress
+            batch["memory"], batch["memory_empty"] = state["carried"]
+        else:
+            batch = data.__getitems__(rng.integers(0, len(data), cfg.model.train_batch_size))
+        loss, logs, carried = action_loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if carried is not None:
+            state["carried"] = carried
+        state["step"] += 1
         return int(logs["n_targets"])
 
     return step
@@ -69,6 +86,8 @@ def project_step(cfg):
 
 def bare_step(T: int, n_embd: int, n_layer: int, n_head: int, dropout: float, batch_size: int, in_dim: int):
     layer = nn.TransformerEncoderLayer(n_embd, n_head, 4 * n_embd, dropout, activation="gelu", batch_first=True, norm_first=True)
+    layer.self_attn.dropout = 0.0  # like the project's blocks: dropout on the residual branches, not on attention weights
+    layer.dropout = nn.Identity()  # (nor inside the MLP)
     embed, body, head = nn.Linear(in_dim, n_embd), nn.TransformerEncoder(layer, n_layer, enable_nested_tensor=False), nn.Linear(n_embd, 5)
     params = [*embed.parameters(), *body.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-3)
@@ -87,30 +106,56 @@ def bare_step(T: int, n_embd: int, n_layer: int, n_head: int, dropout: float, ba
     return step
 
 
+def interleaved(steps: dict, rounds: int) -> dict:
+    """Median seconds per step and mean targets per step of each step function, timed round-robin after 3 warm-ups."""
+    for fn in steps.values():
+        for _ in range(3):
+            fn()
+    seconds, targets = {k: [] for k in steps}, {k: [] for k in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            targets[name].append(fn())
+            seconds[name].append(time.perf_counter() - t0)
+    return {k: (float(np.median(seconds[k])), float(np.mean(targets[k]))) for k in steps}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=20, help="rounds: timed steps of every model")
+    p.add_argument("--envs", nargs="+", default=["darkroom", "dark_key_to_door"])
     args, extra = p.parse_known_args()
     torch.manual_seed(0)
-    runs = {
-        "AD, window 40": cfg_for("ad_dr", "model.n_transit=40"),
-        "AD, window 240": cfg_for("ad_dr", "model.n_transit=240", "model.train_batch_size=16"),
-        "CompressedAD": cfg_for("ad_compressed_dr", *extra),
-    }
-    results = {}
-    for name, cfg in runs.items():  # printed as each finishes
-        results[name] = time_steps(project_step(cfg), args.steps)
-        sec, targets = results[name]
-        print(f"{name:16s} batch {cfg.model.train_batch_size:3d}: {1000 * sec:7.1f} ms/step, {targets:7.0f} targets/step, "
-              f"{targets / sec:8.0f} targets/s", flush=True)
-    ad = runs["AD, window 240"].model
-    t_bare, _ = time_steps(bare_step(ad.n_transit, ad.tf_n_embd, ad.tf_n_layer, ad.tf_n_head, ad.tf_dropout,
-                                     ad.train_batch_size, token_dim(81, 5)), args.steps)
-    rate = {name: targets / sec for name, (sec, targets) in results.items()}
-    print(f"\n{torch.get_num_threads()} threads, mean of {args.steps} steps")
-    print(f"CompressedAD targets/s / AD-240's = {rate['CompressedAD'] / rate['AD, window 240']:.2f}, "
-          f"/ AD-40's = {rate['CompressedAD'] / rate['AD, window 40']:.2f}")
-    print(f"AD-240 project step / bare nn.TransformerEncoder of the same shape = {results['AD, window 240'][0] / t_bare:.2f}")
+    print(f"{torch.get_num_threads()} threads, median of {args.steps} interleaved rounds per env")
+    for env in args.envs:
+        ad, cad = AD_MODEL[env], COMPRESSED_MODEL[env]
+        cfgs = {
+            "AD, window 40": cfg_for(env, ad, "model.n_transit=40"),
+            "AD, window 240": cfg_for(env, ad, "model.n_transit=240", "model.train_batch_size=16"),
+            "CompressedAD (preset)": cfg_for(env, cad, *extra),
+            "CompressedAD, 16 lanes x 6": cfg_for(env, cad, "model.train_batch_size=16", "model.segments_per_step=6", *extra),
+        }
+        steps = {name: project_step(cfg) for name, cfg in cfgs.items()}
+        n_segments = build_dataset(cfgs["CompressedAD (preset)"].model, load_histories(cfgs["AD, window 40"], "train")).n_segments
+        S = cfgs["CompressedAD (preset)"].model.segments_per_step
+        steps["CompressedAD, shallow"] = project_step(cfgs["CompressedAD (preset)"], at_segment=1)
+        steps["CompressedAD, deep"] = project_step(cfgs["CompressedAD (preset)"], at_segment=n_segments - S)
+        a = cfgs["AD, window 240"].model
+        steps["bare nn.TransformerEncoder, AD-240 shape"] = bare_step(a.n_transit, a.tf_n_embd, a.tf_n_layer, a.tf_n_head, a.tf_dropout,
+                                                                      a.train_batch_size, token_dim(81, 5))
+        res = interleaved(steps, args.steps)
+        print(f"\n{env} ({n_segments} segments a history):")
+        for name, (sec, targets) in res.items():
+            print(f"  {name:42s} {1000 * sec:7.1f} ms/step, {targets:6.0f} targets/step, {targets / sec:7.0f} targets/s, "
+                  f"{1e6 * sec / targets:6.1f} us/target", flush=True)
+        rate = {k: t / s for k, (s, t) in res.items()}
+        us = {k: 1e6 * s / t for k, (s, t) in res.items()}
+        print(f"  CompressedAD targets/s / AD-240's: preset {rate['CompressedAD (preset)'] / rate['AD, window 240']:.2f}, "
+              f"16 lanes x 6 {rate['CompressedAD, 16 lanes x 6'] / rate['AD, window 240']:.2f}; "
+              f"/ AD-40's: preset {rate['CompressedAD (preset)'] / rate['AD, window 40']:.2f}")
+        print(f"  CompressedAD cost per target, deep / shallow = {us['CompressedAD, deep'] / us['CompressedAD, shallow']:.2f}")
+        print(f"  AD-240 project step / bare nn.TransformerEncoder of the same shape = "
+              f"{res['AD, window 240'][0] / res['bare nn.TransformerEncoder, AD-240 shape'][0]:.2f}")
 
 
 if __name__ == "__main__":

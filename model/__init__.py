@@ -10,7 +10,8 @@ MODELS = {"AD": AD, "CompressedAD": CompressedAD}
 _ARCH_KEYS = {
     "AD": ("tf_n_embd", "tf_n_layer", "tf_n_head", "tf_dropout", "n_transit"),
     "CompressedAD": ("tf_n_embd", "tf_n_layer", "tf_n_head", "tf_dropout", "encoder_n_layer", "encoder_n_head", "n_latent",
-                     "decoder_max_seq_length", "max_compress_length", "max_uncompressed_length", "rollout_compress_length"),
+                     "decoder_max_seq_length", "max_compress_length", "max_uncompressed_length", "rollout_compress_length",
+                     "latent_write", "encoder_dropout"),
 }
 
 
@@ -21,13 +22,7 @@ def build_model(model_cfg, n_states: int, n_actions: int):
     if name == "CompressedAD":
         check_sizes(model_cfg)
     kwargs = {k: model_cfg[k] for k in _ARCH_KEYS[name]}
-    if name == "CompressedAD":
-        kwargs["grad_compression_stages"] = model_cfg.get("grad_compression_stages")
-        kwargs["stream_gradient"] = model_cfg.get("stream_gradient", "per_target")
-        kwargs["latent_write"] = model_cfg.get("latent_write", "replace")
-        kwargs["encoder_dropout"] = model_cfg.get("encoder_dropout")
     return MODELS[name](n_states=n_states, n_actions=n_actions, **kwargs)
-
 
 
 def rollout_memory_bytes(rollout) -> int:

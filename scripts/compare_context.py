@@ -26,15 +26,14 @@ from scripts.runs import ROOT, eval_result, last10_over_seeds, mean_pm, median_n
 VARIANTS = {
     "darkroom": {
         "ad-w40": ("AD, window 40 (drop-half: 20-40 tokens)", ["model=ad_dr", "model.n_transit=40"]),
-        "compressed-ad": ("CompressedAD (stream)", ["model=ad_compressed_dr"]),
-        "compressed-ad-chains": ("CompressedAD (chains, earlier recipe)", ["model=ad_compressed_dr_chains"]),
+        "compressed-ad": ("CompressedAD (carried memory)", ["model=ad_compressed_dr"]),
         "ad-w240": ("AD, window 240 (drop-half: 120-240 tokens)", ["model=ad_dr", "model.n_transit=240",
                                                                    "model.train_batch_size=16"]),
     },
     "dark_key_to_door": {
         "ad-w40": ("AD, window 40 (drop-half: 20-40 tokens)", ["model=ad_dktd", "model.n_transit=40"]),
         "ad-w50": ("AD, window 50 = 1 episode (drop-half: 25-50)", ["model=ad_dktd", "model.n_transit=50"]),
-        "compressed-ad": ("CompressedAD (stream)", ["model=ad_compressed_dktd"]),
+        "compressed-ad": ("CompressedAD (carried memory)", ["model=ad_compressed_dktd"]),
         "ad-w200": ("AD, window 200 = 4 episodes (drop-half: 100-200)", ["model=ad_dktd", "model.n_transit=200",
                                                                           "model.train_batch_size=16"]),
     },

@@ -25,10 +25,9 @@ TINY_TRAIN = {
     "ad_dr": ["model=ad_dr", "model.n_transit=20", "model.train_timesteps=6", "model.train_batch_size=4",
               "model.tf_n_layer=1", "log_interval=2", "eval_interval=0", "save_interval=3"],
     "ad_compressed_dr": ["model=ad_compressed_dr", "model.train_timesteps=6", "model.train_batch_size=4",
-                         "model.stream_span_segments=2", "model.tf_n_layer=1", "model.encoder_n_layer=1", "log_interval=2",
+                         "model.segments_per_step=2", "model.tf_n_layer=1", "model.encoder_n_layer=1", "log_interval=2",
                          "eval_interval=0", "save_interval=3"],
 }
-TINY_TRAIN["ad_compressed_dr_chains"] = TINY_TRAIN["ad_compressed_dr"] + ["model.training_mode=chains", "model.max_compression_depth=3"]
 
 
 def compose_cfg(config_name: str, overrides: list[str]):

@@ -1,11 +1,11 @@
 import numpy as np
+import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from dataset import (ADCompressedDataset, ADDataset, ADStreamDataset, collate_batched, collate_compressed_batch,
-                     stream_tokens)
+from dataset import ADDataset, HistoryLanes, collate_batched, stream_tokens
 from model.schedule import CompressionSchedule
-from model.tokens import NEW_EPISODE, PREV_ACTION, PREV_STATE, STATE, TokenStream, build_tokens
+from model.tokens import NEW_EPISODE, PREV_ACTION, STATE, TokenStream, build_tokens
 from utils.hashing import hashed_ints
 
 
@@ -60,113 +60,104 @@ def test_ad_windows_never_cross_streams_and_align_targets():
     assert (batch["tokens"][:, 1:, PREV_ACTION].long()[both] == batch["target_actions"][:, :-1][both]).all()
 
 
-def target_density(ds, T: int) -> np.ndarray:
+def ad_target_density(ds, T: int) -> np.ndarray:
     """How often each stream position is a target, over every sample of the dataset (stream 0 only)."""
-    idx = np.arange(ds.n_starts)  # the samples of stream 0
-    batch = ds.__getitems__(idx)
-    if "chunks" in batch:  # chains: tokens are the uncompressed part only
-        t = batch["tokens"][..., STATE].long() % 1000
-    else:
-        t = torch.arange(batch["target_actions"].shape[1]).expand_as(batch["target_actions"])
-        if "first_segment" not in batch:
-            t = batch["tokens"][..., STATE].long() % 1000
+    batch = ds.__getitems__(np.arange(ds.n_starts))  # the samples of stream 0
+    t = batch["tokens"][..., STATE].long() % 1000
     return np.bincount(t[batch["target_actions"] != -100].numpy(), minlength=T)
 
 
-def test_target_density_is_uniform_over_the_stream_for_every_dataset():
+def test_ad_target_density_is_uniform_over_the_stream():
     """The first episodes (where first10 and episodes-to-80% are measured) train as often as the interior."""
-    T, h = 600, labelled_histories(n_goals=1, n_streams=1, T=600)
-    datasets = {
-        "AD": ADDataset(h, n_transit=100),
-        "CompressedAD stream": ADStreamDataset(h, CompressionSchedule(window=40, chunk=20), span_segments=4),
-        "CompressedAD stream, 4 kept": ADStreamDataset(h, CompressionSchedule(window=40, chunk=36), span_segments=8),
-        "CompressedAD chains": ADCompressedDataset(h, 8, 20, 40, 20, 40, seed=1),
-    }
-    for name, ds in datasets.items():
-        density = target_density(ds, T).astype(float)
-        interior = density[200:400].mean()
-        for a, b in ((0, 20), (20, 40), (40, 100)):  # first episode, second episode, steps 40-100
-            assert 0.5 <= density[a:b].mean() / interior <= 2.0, (name, a, b, density[a:b].mean() / interior)
-        if not name.endswith("chains"):  # exact by construction: every step is a target equally often
-            assert density.min() == density.max(), name
+    density = ad_target_density(ADDataset(labelled_histories(n_goals=1, n_streams=1, T=600), n_transit=100), 600)
+    assert density.min() == density.max()
 
 
-def test_compressed_samples_respect_ranges_and_streams():
-    ds = ADCompressedDataset(labelled_histories(T=300), max_compression_depth=3, min_compress_length=5,
-                             max_compress_length=9, min_uncompressed_length=4, max_uncompressed_length=7, seed=3)
-    idx = np.arange(len(ds))
-    depth, chunk_len, unc_len = ds.sample_layout(idx)
-    assert set(np.unique(depth)) == {0, 1, 2, 3}
-    assert np.bincount(depth).min() > 0.2 * len(idx)  # roughly uniform
-    used = chunk_len[np.arange(3) < depth[:, None]]
-    assert used.min() == 5 and used.max() == 9 and (chunk_len[np.arange(3) >= depth[:, None]] == 0).all()
-    assert unc_len.min() == 4 and unc_len.max() == 7
-
-    batch = ds.__getitems__(idx[::11])
-    B = len(idx[::11])
-    for b in range(B):
-        d = int(batch["depth"][b])
-        pieces = [batch["chunks"][b, j, : int(batch["chunk_lengths"][b, j]), STATE] for j in range(d)]
-        n_unc = int((batch["target_actions"][b] != -100).sum())
-        pieces.append(batch["tokens"][b, :n_unc, STATE])
-        states = torch.cat(pieces).long()
-        if not len(states):  # a part cut away entirely at the stream's start
-            continue
-        assert (states // 1000 == states[0] // 1000).all()  # one stream
-        assert ((states[1:] - states[:-1]) == 1).all()  # chunks then uncompressed part: contiguous
-    # deterministic: same index, same sample
-    again = ds.__getitems__(idx[::11])
-    assert all(torch.equal(batch[k], again[k]) for k in batch)
-
-
-def test_every_depth_covers_the_whole_stream():
-    """Shallow samples must also train on the stream's end (where the source has converged)."""
-    T = 300
-    ds = ADCompressedDataset(labelled_histories(T=T), 8, 20, 30, 10, 20, seed=1)
-    batch = ds.__getitems__(np.arange(len(ds)))
-    t_last = (batch["tokens"][..., STATE].long() % 1000).masked_fill(batch["target_actions"] == -100, -1).amax(1)
-    t_first = torch.where(batch["depth"] > 0, batch["chunks"][:, 0, 0, STATE].long() % 1000, batch["tokens"][:, 0, STATE].long() % 1000)
-    for d in range(9):
-        at = batch["depth"] == d
-        assert t_first[at].min() <= 5  # chains start near the stream's first step ...
-        assert t_last[at].max() >= T - 10  # ... and targets reach its last steps
-
-
-def test_collate_trims_to_the_batch():
-    ds = ADCompressedDataset(labelled_histories(T=300), 3, 5, 9, 4, 7, seed=0)
-    idx = np.nonzero(ds.sample_layout(np.arange(len(ds)))[0] <= 1)[0]
-    idx = idx[idx % ds.n_starts > 100][:8]  # away from the stream's start, where chains are cut
-    batch = collate_compressed_batch(ds.__getitems__(idx))
-    assert batch["chunks"].shape[1] == int(batch["depth"].max()) <= 1
-    assert batch["chunks"].shape[2] == max(1, int(batch["chunk_lengths"].max()))
-    assert batch["tokens"].shape[1] == int((batch["target_actions"] != -100).sum(1).max())
+@pytest.mark.parametrize("segments_per_step", [None, 1, 3])
+def test_lanes_read_whole_streams_in_order_and_every_step_once_per_epoch(segments_per_step):
+    h = labelled_histories(n_goals=2, n_streams=3, T=300)  # 6 streams of 9 segments (window 40, chunk 36)
+    lanes = HistoryLanes(h, CompressionSchedule(window=40, chunk=36), n_lanes=3, segments_per_step=segments_per_step, seed=1)
+    assert lanes.n_segments == 9 and lanes.whole_histories == (segments_per_step is None)
+    S = lanes.segments_per_step
+    batch = lanes.batch(0, np.arange(3))
+    assert batch["windows"].shape == (3, S, 40, 6) and batch["chunks"].shape == (3, S, 36, 6)
+    assert batch["target_actions"].shape == (3 * S, 40)
+    # windows: consecutive steps of one stream; targets: that step's action, only on the segment's own steps
+    states = batch["windows"][..., STATE].long().flatten(0, 1)
+    valid = batch["target_actions"] != -100
+    assert (states // 1000 == states[:, :1] // 1000).all()
+    assert (batch["target_actions"][valid] == states[valid] % 5).all()
+    # the chunk of segment k >= 1 is the 36 steps that end where its window's first surviving token begins
+    k = lanes.position(0, np.arange(3))[1].flatten()
+    chunk_t = batch["chunks"][..., STATE].long().flatten(0, 1) % 1000
+    compressed = k >= 1
+    assert (chunk_t[compressed] == (torch.as_tensor(k[compressed]) - 1)[:, None] * 36 + torch.arange(36)).all()
+    assert batch["memory_reset"].flatten().tolist() == (k == 0).tolist()
+    # every lane reads histories segment after segment; over whole epochs every step of every stream is a
+    # target equally often (a lane's first history starts staggered, so it counts from the second on)
+    n_steps = 4 * 6 * 9 // (3 * S) + 9
+    order = [lanes.position(step, np.arange(3)) for step in range(n_steps)]
+    j = np.concatenate([o[0] for o in order], axis=1)  # [lanes, steps * S]
+    seg = np.concatenate([o[1] for o in order], axis=1)
+    for lane in range(3):
+        new = np.nonzero(np.diff(j[lane]))[0] + 1
+        assert (seg[lane, new] == 0).all() and (np.diff(seg[lane])[np.diff(j[lane]) == 0] == 1).all()
+    picked = []  # histories 6 .. 23: epochs 1-3, every stream three times (the staggered first ones are in epoch 0)
+    for step in range(n_steps):
+        batch = lanes.batch(step, np.arange(3))
+        history = lanes.position(step, np.arange(3))[0].flatten()
+        states = batch["windows"][..., STATE].long().flatten(0, 1)
+        valid = (batch["target_actions"] != -100) & torch.from_numpy((history >= 6) & (history < 24))[:, None]
+        picked.append(states[valid])
+    counts = np.bincount(torch.cat(picked).numpy(), minlength=6000).reshape(6, 1000)[:, :300]
+    assert counts.min() == counts.max() == 3
 
 
-def test_stream_spans_never_cross_streams_and_cover_every_stream_whole():
-    h = labelled_histories(n_goals=2, n_streams=3, T=300)
-    schedule = CompressionSchedule(window=40, chunk=36)
-    ds = ADStreamDataset(h, schedule, span_segments=3)
-    seg = schedule.segments(300)
-    assert ds.n_segments == seg.n_compressions + 1 == 9 and len(ds) == 6 * (9 + 2)
-    batch = ds.__getitems__(np.arange(len(ds)))
-    states = batch["tokens"][..., STATE].long()
-    assert (states // 1000 == states[:, :1] // 1000).all() and ((states % 1000) == torch.arange(300)).all()
-    covered = {}
-    for b in range(len(ds)):
-        stream = int(states[b, 0]) // 1000
-        targets = torch.nonzero(batch["target_actions"][b] != -100).squeeze(1)
-        first, n = int(batch["first_segment"][b]), int(batch["n_segments"][b])
-        assert 1 <= n <= 3 and 0 <= first and first + n <= 9
-        # the targets are exactly the tokens of segments first .. first + n - 1
-        assert targets.tolist() == list(range(seg.first_target[first], seg.end[first + n - 1]))
-        assert (batch["target_actions"][b, targets] == states[b, targets] % 5).all()
-        covered.setdefault(stream, []).append(targets)
-    for stream, parts in covered.items():  # every step of every stream, each 3 times (uniform)
-        assert np.bincount(torch.cat(parts).numpy(), minlength=300).tolist() == [3] * 300
+def test_lanes_are_a_function_of_the_step_and_ranks_read_disjoint_histories():
+    h = labelled_histories(n_goals=4, n_streams=4, T=300)
+    lanes = HistoryLanes(h, CompressionSchedule(window=40, chunk=36), n_lanes=8, segments_per_step=1, seed=0)
+    a, b = lanes.batch(17, np.arange(8)), lanes.batch(17, np.arange(8))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert lanes.position(0, np.arange(8))[1].flatten().tolist() == [0, 1, 2, 3, 4, 5, 6, 7]  # staggered depths
+    read = [set(), set()]  # rank 0 owns lanes 0-3, rank 1 lanes 4-7: every history is read by one lane of one rank
+    for step in range(0, 60):
+        for r in range(2):
+            read[r] |= set(lanes.position(step, np.arange(r * 4, r * 4 + 4))[0].flatten().tolist())
+    assert not read[0] & read[1] and len(read[0] | read[1]) > 16  # more than an epoch
+    epoch0 = [lanes.batch(0, np.arange(r * 4, r * 4 + 4))["index"] // lanes.n_segments for r in range(2)]
+    assert not set(epoch0[0].flatten().tolist()) & set(epoch0[1].flatten().tolist())  # within an epoch: other streams
+    other = HistoryLanes(h, CompressionSchedule(window=40, chunk=36), n_lanes=8, segments_per_step=1, seed=1)
+    assert not torch.equal(other.batch(30, np.arange(8))["index"], a["index"])  # the seed draws the order
+
+
+def test_memory_restarts_are_drawn_per_segment_and_carried_names_the_last_one():
+    h = labelled_histories(n_goals=4, n_streams=4, T=600)
+    lanes = HistoryLanes(h, CompressionSchedule(window=40, chunk=36), n_lanes=8, segments_per_step=2, seed=0, memory_restart=0.3)
+    resets, ks = [], []
+    for step in range(100):
+        b = lanes.batch(step, np.arange(8))
+        resets.append(b["memory_reset"].numpy())
+        ks.append(lanes.position(step, np.arange(8))[1])
+    reset, k = np.concatenate(resets, 1), np.concatenate(ks, 1)
+    assert reset[k == 0].all() and 0.2 < reset[k > 0].mean() < 0.4
+    for step in (5, 37, 80):  # the carried memory is L_{k0 - 1} begun at the last reset at or before it
+        stream, kc, start = lanes.carried(step, np.arange(8))
+        first = lanes.position(step, np.arange(8))[1][:, 0]
+        assert (kc == np.maximum(first - 1, 0)).all()
+        col = step * 2 - 1  # the segment just before this step
+        for lane in range(8):
+            if first[lane] >= 1:
+                history = k[lane, : col + 1]
+                begun = np.nonzero(reset[lane, : col + 1] & (np.cumsum(history == 0) == np.cumsum(history == 0)[-1]))[0]
+                assert start[lane] == k[lane, begun[-1]]
+    assert (HistoryLanes(h, CompressionSchedule(40, 36), 8, 2).batch(3, np.arange(8))["memory_reset"].numpy()
+            == (lanes.position(3, np.arange(8))[1] == 0)).all()
 
 
 def test_hashed_ints_cover_range():
     x = hashed_ints(np.arange(10000), 5, 2, 6)
+    with pytest.raises(ValueError, match="low <= high"):
+        hashed_ints(np.arange(3), 5, 6, 2)
     assert x.min() == 2 and x.max() == 6 and np.bincount(x)[2:].min() > 1800
 
 
@@ -180,14 +171,3 @@ def test_distributed_sampler_gives_ranks_disjoint_windows():
         assert first["tokens"].shape == (16, 50, 6)
         seen.append(set(first["index"].tolist()))
     assert not seen[0] & seen[1]
-
-
-def test_stream_memory_restarts_lie_before_the_span():
-    h = labelled_histories(n_goals=2, n_streams=3, T=300)
-    ds = ADStreamDataset(h, CompressionSchedule(window=40, chunk=36), span_segments=3, memory_restart=0.5, seed=2)
-    batch = ds.__getitems__(np.arange(len(ds)))
-    start, first = batch["memory_start"], batch["first_segment"]
-    assert ((start >= 0) & (start <= first)).all()
-    restarted = first > 0
-    assert 0.25 < (start[restarted] > 0).float().mean() < 0.6  # about half of them (a restart may draw 0)
-    assert (ADStreamDataset(h, CompressionSchedule(40, 36), 3).__getitems__(np.arange(len(ds)))["memory_start"] == 0).all()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from model.schedule import CompressionSchedule
 from scripts.runs import scalars
 from tests.conftest import ROOT, TINY_TRAIN, run_script
 from utils.io import CheckpointError, atomic_torch_save, load_checkpoint
@@ -44,6 +45,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_data, tmp_path, model):
     a = torch.load(runs / "straight" / "checkpoint-final.pt", weights_only=True)["model_state_dict"]
     b = torch.load(runs / "killed" / "checkpoint-final.pt", weights_only=True)["model_state_dict"]
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    if model == "ad_compressed_dr":  # the lanes' carried memory resumes too
+        lanes = [torch.load(runs / name / "checkpoint-final.pt", weights_only=True)["lanes"] for name in ("straight", "killed")]
+        assert torch.allclose(lanes[0]["memory"], lanes[1]["memory"], atol=1e-6)
     s1, v1 = scalars(runs / "straight", "train/loss_action")
     s2, v2 = scalars(runs / "killed", "train/loss_action")
     assert s1.tolist() == s2.tolist() == list(range(5, 41, 5))  # no duplicated or missing points
@@ -68,6 +72,28 @@ def test_resume_needs_a_run_and_the_same_model_data_and_seed(tiny_data, tmp_path
     assert out.returncode == 1 and "fp16" in out.stderr and "not be exact" in out.stderr
     assert sorted(p.name for p in (runs / "r").glob("*.pt")) == ["checkpoint-final.pt", "checkpoint-step10.pt",
                                                                  "checkpoint-step20.pt", "checkpoint-step30.pt"]
+
+
+def test_compressed_ad_resume_refuses_another_lane_layout(tiny_data, tmp_path):
+    """Lane count, segments per step and recipe are part of the run: a resume that changes them is refused."""
+    from dataset import HistoryLanes
+    from tests.test_model import random_histories
+    from utils.lanes import lane_layout, restore_lanes
+    from utils.run import UserConfigError
+
+    runs = tmp_path / "runs"
+    run_script("train.py", *train_args(tiny_data, runs, "c", "ad_compressed_dr"))
+    for override in ("model.train_batch_size=8", "model.segments_per_step=1", "model.memory_restart=0.5"):
+        out = run_script("train.py", *train_args(tiny_data, runs, "c", "ad_compressed_dr"), "resume=true", override, check=False)
+        assert out.returncode == 1 and override.split("=")[0] in out.stderr and "Traceback" not in out.stderr, override
+    # the checkpoint's own lane layout is checked too (history length, streams), naming what differs
+    lanes = HistoryLanes(random_histories(T=400), CompressionSchedule(40, 36), n_lanes=2, segments_per_step=1)
+    state = {**lane_layout(lanes), "memory": torch.zeros(2, 16, 64), "memory_empty": torch.ones(2, dtype=torch.bool)}
+    assert restore_lanes(state, lanes, np.arange(1, 2), "ckpt.pt", "cpu")[0].shape == (1, 16, 64)
+    with pytest.raises(UserConfigError, match=r"history_length': \(300, 400\)"):
+        restore_lanes({**state, "history_length": 300}, lanes, np.arange(2), "ckpt.pt", "cpu")
+    with pytest.raises(UserConfigError, match="holds no lane memory"):
+        restore_lanes(None, lanes, np.arange(2), "ckpt.pt", "cpu")
 
 
 def test_kill_during_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path):
@@ -115,9 +141,8 @@ def test_truncated_and_foreign_checkpoints_give_clear_errors(tmp_path):
 
 @pytest.mark.parametrize("overrides,message", [
     (["model=ad_compressed_dr", "model.n_latent=50"], "exceeds decoder_max_seq_length"),
-    (["model=ad_compressed_dr", "model.training_mode=chains"], "A depth-8 sample spans up to 360 steps but streams have 200"),
-    (["model=ad_compressed_dr", "model.training_mode=chains", "model.min_compress_length=50"],
-     "min_compress_length (50) <= max_compress_length"),
+    (["model=ad_compressed_dr", "model.segments_per_step=0"], "segments_per_step (0) must be >= 1"),
+    (["model=ad_compressed_dr", "model.train_batch_size=0"], "train_batch_size=0 must be a positive multiple"),
     (["model=ad_compressed_dr", "model.rollout_compress_length=41"], "rollout_compress_length (41) must be <="),
     (["model=ad_dr", "env.val_env_ratio=0.0"], "validation tasks"),
     (["model=ad_dr", "model.train_batch_size=0"], "train_batch_size=0 must be a positive multiple"),
@@ -182,23 +207,28 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_data, t
     assert saved and all(torch.isfinite(v).all() for p in saved[:1] for v in load_checkpoint(p)["model_state_dict"].values())
 
 
-def test_two_process_run_resumes_exactly(tiny_data, tmp_path):
+@pytest.mark.parametrize("model,port", [("ad_dr", 29519), ("ad_compressed_dr", 29520)])
+def test_two_process_run_resumes_exactly(tiny_data, tmp_path, model, port):
     """2 CPU processes through accelerate launch: resuming from an earlier checkpoint (later ones removed,
-    as after a kill) ends with the weights of the uninterrupted 2-process run."""
+    as after a kill) ends with the weights of the uninterrupted 2-process run (CompressedAD: and the lanes'
+    carried memory, gathered from both ranks)."""
     runs = tmp_path / "runs"
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_config.yaml"),
-                "--num_processes", "2", "--main_process_port", "29519"]
+                "--num_processes", "2", "--main_process_port", str(port)]
     env = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     for name in ("straight", "cut"):
-        run_script("train.py", *train_args(tiny_data, runs, name), launcher=launcher, env=env)
+        run_script("train.py", *train_args(tiny_data, runs, name, model), launcher=launcher, env=env)
     for later in ("checkpoint-final.pt", "checkpoint-step40.pt", "checkpoint-step30.pt"):
         (runs / "cut" / later).unlink(missing_ok=True)
-    out = run_script("train.py", *train_args(tiny_data, runs, "cut"), "resume=true", launcher=launcher, env=env)
+    out = run_script("train.py", *train_args(tiny_data, runs, "cut", model), "resume=true", launcher=launcher, env=env)
     assert "Resuming from" in out.stdout and "step 20" in out.stdout and "2 process(es)" in out.stdout
     a = torch.load(runs / "straight" / "checkpoint-final.pt", weights_only=True)
     b = torch.load(runs / "cut" / "checkpoint-final.pt", weights_only=True)
     assert len(b["rng_states"]) == 2
     assert max((a["model_state_dict"][k] - b["model_state_dict"][k]).abs().max().item() for k in a["model_state_dict"]) <= 1e-6
+    if model == "ad_compressed_dr":
+        assert a["lanes"]["memory"].shape[0] == 4 and torch.allclose(a["lanes"]["memory"], b["lanes"]["memory"], atol=1e-6)
+        assert torch.equal(a["lanes"]["memory_empty"], b["lanes"]["memory_empty"])
     s1, v1 = scalars(runs / "straight", "train/loss_action")
     s2, v2 = scalars(runs / "cut", "train/loss_action")
     assert s1.tolist() == s2.tolist() and np.allclose(v1, v2, atol=1e-6)

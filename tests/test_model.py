@@ -3,11 +3,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from model import AD, CompressedAD, build_model, check_sizes, rollout_memory_bytes
+from model import AD, build_model, check_sizes, rollout_memory_bytes
+from dataset import HistoryLanes
 from model.ad_compressed import decoder_mask
 from model.schedule import CompressionSchedule
-from model.tokens import STATE
 from model.tokens import random_tokens as tokens_in_range
+from model.transformer import Transformer
 from tests.conftest import ROOT
 
 N_STATES, N_ACTIONS = 81, 5
@@ -58,33 +59,6 @@ def test_compressed_ad_no_position_sees_a_later_token():
     # and the latents matter for every token
     other, _ = model.decode(torch.randn_like(latents), tokens)
     assert not torch.allclose(before[:, 0], other[:, 0], atol=1e-4)
-
-
-@pytest.mark.parametrize("depth", [0, 1, 2, 3])
-def test_compressed_shapes_at_every_depth_and_gradients_reach_every_stage(depth):
-    torch.manual_seed(0)  # the initial weights must not depend on which tests ran before
-    cfg = compressed_cfg(tf_dropout=0.0)
-    model = build_model(cfg, N_STATES, N_ACTIONS)
-    B, Lc, Lu = 3, 25, 30
-    chunks = random_tokens(B, max(depth, 1) * Lc).view(B, max(depth, 1), Lc, 6)[:, :depth]
-    lengths = torch.full((B, depth), Lc)
-    if depth:
-        lengths[0, -1] = 0  # sample 0 is one stage shallower
-        lengths[1, 0] = 21  # and sample 1 has a shorter first chunk (padding masked)
-    latents = model.compress_history(chunks, lengths)
-    assert latents.shape == (B, cfg.n_latent, cfg.tf_n_embd)
-    logits = model({"chunks": chunks, "chunk_lengths": lengths, "tokens": random_tokens(B, Lu, 5)})
-    assert logits.shape == (B, Lu, N_ACTIONS)
-    if depth:
-        chunks.requires_grad_(False)
-        emb_grad = torch.autograd.grad(logits[2].sum(), model.embed_context.weight, retain_graph=True)[0]
-        assert emb_grad.abs().sum() > 0
-        # a change in the first chunk reaches the prediction through all stages
-        altered = chunks.clone()
-        altered[2, 0, :5] = random_tokens(1, 5, 9)[0]
-        new = model({"chunks": altered, "chunk_lengths": lengths, "tokens": random_tokens(B, Lu, 5)})
-        assert (new[2] - logits[2]).abs().max() > 0  # small at initialisation after 3 stages, but not zero
-        assert torch.equal(new[:2], logits[:2])  # and it changes nothing in the other samples
 
 
 def test_padding_inside_a_chunk_is_ignored():
@@ -153,33 +127,15 @@ def test_state_dict_splits_into_the_three_stage1_parts():
 def test_sizes_that_clash_are_named():
     with pytest.raises(ValueError, match=r"n_latent \(50\) \+ max_uncompressed_length \(40\) = 90 exceeds decoder_max_seq_length \(56\)"):
         check_sizes(compressed_cfg(n_latent=50))
-    with pytest.raises(ValueError, match=r"min_compress_length \(45\) <= max_compress_length \(40\)"):
-        check_sizes(compressed_cfg(training_mode="chains", min_compress_length=45))
     with pytest.raises(ValueError, match="rollout_compress_length"):
         check_sizes(compressed_cfg(rollout_compress_length=41))
-    with pytest.raises(ValueError, match="rollout_compress_length"):
-        check_sizes(compressed_cfg(training_mode="chains", rollout_compress_length=10))
-    check_sizes(compressed_cfg(rollout_compress_length=40))  # stream mode may keep no raw token
+    with pytest.raises(ValueError, match=r"segments_per_step \(0\) must be >= 1"):
+        check_sizes(compressed_cfg(segments_per_step=0))
+    with pytest.raises(ValueError, match=r"memory_restart \(1.5\)"):
+        check_sizes(compressed_cfg(memory_restart=1.5))
+    check_sizes(compressed_cfg(rollout_compress_length=40))  # a compression may keep no raw token
     with pytest.raises(ValueError, match="Unknown model"):
         build_model({"model": "GPT"}, N_STATES, N_ACTIONS)
-
-
-def test_truncated_backprop_through_old_stages():
-    cfg = compressed_cfg(tf_dropout=0.0, grad_compression_stages=1)
-    model = build_model(cfg, N_STATES, N_ACTIONS)
-    chunks = random_tokens(2, 3 * 20).view(2, 3, 20, 6)
-    lengths = torch.full((2, 3), 20)
-    # stage outputs of old stages carry no gradient: perturbing the first chunk changes the output, but
-    # the gradient of the output w.r.t. the encoder's parameters comes from the last stage only
-    out = model.compress_history(chunks, lengths)
-    assert out.requires_grad
-    full = build_model(compressed_cfg(tf_dropout=0.0, grad_compression_stages=None), N_STATES, N_ACTIONS)
-    full.load_state_dict(model.state_dict())
-    g_trunc = torch.autograd.grad(model.compress_history(chunks, lengths).sum(), model.encoder.initial_latents, allow_unused=True)[0]
-    g_full = torch.autograd.grad(full.compress_history(chunks, lengths).sum(), full.encoder.initial_latents)[0]
-    assert g_trunc is None or g_trunc.abs().sum() == 0  # L_0 enters at stage 0, which is truncated
-    assert g_full.abs().sum() > 0
-    assert torch.allclose(model.compress_history(chunks, lengths), full.compress_history(chunks, lengths), atol=1e-6)
 
 
 # ---------------------------------------------------------------- the compression schedule, teacher-forced
@@ -208,7 +164,7 @@ def test_schedule_segments_follow_the_rollout_rule(window, chunk):
 
 
 def stream_cfg(**over):
-    return compressed_cfg(**{"tf_dropout": 0.0, "training_mode": "stream", "rollout_compress_length": 36, **over})
+    return compressed_cfg(**{"tf_dropout": 0.0, "rollout_compress_length": 36, **over})
 
 
 def rollout_trace(model, tokens, **memory):
@@ -223,78 +179,137 @@ def rollout_trace(model, tokens, **memory):
     return torch.stack(logits, 1), latents
 
 
+def test_out_rows_computes_exactly_the_rows_asked_for():
+    torch.manual_seed(0)
+    net = Transformer(32, 2, 4, 0.0)
+    x, mask = torch.randn(3, 20, 32), decoder_mask(5, 15)
+    full, cache = net(x, mask, use_cache=True)
+    for rows in (slice(0, 5), slice(5, None)):
+        part, part_cache = net(x, mask, use_cache=True, out_rows=rows)
+        assert torch.allclose(part, full[:, rows], atol=1e-6)
+        assert all(torch.allclose(a, b) for kv, pkv in zip(cache, part_cache) for a, b in zip(kv, pkv))  # the cache stays whole
+
+
 @pytest.mark.parametrize("memory", [{}, {"memory": "clear"}, {"memory": "truncate", "memory_chunks": 1},
                                     {"memory": "truncate", "memory_chunks": 3}])
-@pytest.mark.parametrize("gradient", ["per_target", "span"])
-def test_teacher_forced_view_equals_the_rollout_latents_and_logits(memory, gradient):
+def test_teacher_forced_view_equals_the_rollout_latents_and_logits(memory):
     torch.manual_seed(0)
-    model = build_model(stream_cfg(stream_gradient=gradient), N_STATES, N_ACTIONS).eval()
+    model = build_model(stream_cfg(), N_STATES, N_ACTIONS).eval()
     tokens = random_tokens(3, 230, seed=2)
     rollout_logits, rollout_latents = rollout_trace(model, tokens, **memory)
     assert torch.allclose(model.teacher_forced_logits(tokens, **memory), rollout_logits, atol=1e-5)
+    latents = model.segment_latents(tokens, **memory)
+    assert latents.shape[1] == len(rollout_latents) + 1
+    for k, lat in enumerate(rollout_latents, start=1):
+        assert torch.allclose(latents[:, k], lat, atol=1e-5)
+        if not memory:  # the slow reference for what training carries: L_k from the history's start
+            assert torch.allclose(model.memory_at(tokens, torch.full((3,), k)), lat, atol=1e-5)
+
+
+def random_histories(n_goals=2, n_streams=2, T=400, seed=0):
+    rng = np.random.default_rng(seed)
+    states = rng.integers(0, N_STATES, (n_goals, n_streams, T))
+    return {"states": states, "next_states": rng.integers(0, N_STATES, states.shape),
+            "actions": rng.integers(0, N_ACTIONS, states.shape), "rewards": (rng.random(states.shape) < 0.2).astype(np.float32),
+            "tasks": np.zeros((n_goals, 2), np.int64), "horizon": 20}
+
+
+def run_lanes(model, lanes, steps, lane_ids):
+    """Train-mode forwards over `steps`, the memory carried from step to step (train.py's loop without the update)."""
+    from utils.lanes import exact_memory
+
+    carried = exact_memory(model, lanes, steps[0], lane_ids, "cpu")
+    for step in steps:
+        batch = lanes.batch(step, lane_ids)
+        batch["memory"], batch["memory_empty"] = carried
+        logits, carried = model(batch)
+        yield step, batch, logits
+
+
+@pytest.mark.parametrize("segments_per_step", [1, 3, None])
+def test_lanes_carrying_the_memory_predict_exactly_as_the_rollout(segments_per_step):
+    """Across steps, history boundaries and staggered starts, every target's logits equal the rollout's."""
+    torch.manual_seed(0)
+    model = build_model(stream_cfg(), N_STATES, N_ACTIONS).train()  # dropout is 0: train mode changes only the gradient path
+    lanes = HistoryLanes(random_histories(), model.schedule, n_lanes=2, segments_per_step=segments_per_step, seed=3)
+    reference = {}
     with torch.no_grad():
-        n = model.schedule.segments(230).n_compressions
-        sample, k, latents = model.segment_latents(tokens, torch.zeros(3, dtype=torch.long), torch.full((3,), n + 1), **memory)
-    for j, lat in enumerate(rollout_latents, start=1):
-        assert torch.allclose(latents[k == j], lat, atol=1e-5)
+        for stream in range(lanes.n_streams):
+            reference[stream] = rollout_trace(model.eval(), torch.from_numpy(lanes.tokens[stream : stream + 1]))[0][0]
+    model.train()
+    checked = 0
+    for step, batch, logits in run_lanes(model, lanes, range(lanes.n_segments * 3 // lanes.segments_per_step), np.arange(2)):
+        stream = (batch["index"] // lanes.n_segments).flatten()
+        k = (batch["index"] % lanes.n_segments).flatten()
+        for row in range(len(k)):
+            target = torch.from_numpy(lanes.is_target[k[row]])
+            t = torch.from_numpy(lanes.window_t[k[row]])[target]
+            assert torch.allclose(logits[row][target], reference[int(stream[row])][t], atol=1e-5), (step, row)
+            checked += len(t)
+    assert checked >= 2 * 2 * 400  # at least two whole histories per lane
 
 
-@pytest.mark.parametrize("gradient", ["per_target", "span"])
-def test_training_forward_of_any_span_equals_the_rollout(gradient):
-    """The training forward (gradient on, truncated stages recomputed) gives the rollout's logits on every span."""
+def test_lane_gradient_reaches_each_segment_s_last_compression_only():
     torch.manual_seed(0)
-    model = build_model(stream_cfg(grad_compression_stages=2, stream_gradient=gradient), N_STATES, N_ACTIONS)
-    tokens = random_tokens(3, 230, seed=4)
-    rollout_logits, _ = rollout_trace(model.eval(), tokens)
-    model.train()  # dropout is 0: train mode changes nothing but the gradient path
-    first, n = torch.tensor([0, 2, 5]), torch.tensor([3, 2, 2])
-    logits = model({"tokens": tokens, "first_segment": first, "n_segments": n,
-                    "target_actions": torch.zeros(3, 230, dtype=torch.long)})
-    seg = model.schedule.segments(230)
-    for b in range(3):
-        targets = slice(seg.first_target[first[b]], seg.end[first[b] + n[b] - 1])
-        assert torch.allclose(logits[b, targets], rollout_logits[b, targets], atol=1e-5)
-        assert (logits[b, : targets.start] == 0).all() and (logits[b, targets.stop :] == 0).all()
+    model = build_model(stream_cfg(), N_STATES, N_ACTIONS).train()
+    lanes = HistoryLanes(random_histories(T=400), model.schedule, n_lanes=2, segments_per_step=3, seed=0)
+    from utils.lanes import exact_memory
 
+    step = 2  # lane 0 reads segments 6-8 of its first history; lane 1 (staggered) segments 0-2 of its second
+    batch = lanes.batch(step, np.arange(2))
+    assert lanes.position(step, np.arange(2))[1].tolist() == [[6, 7, 8], [0, 1, 2]] and lanes.n_segments == 11
+    batch["memory"], batch["memory_empty"] = exact_memory(model, lanes, step, np.arange(2), "cpu")
+    embedded = []
+    original = model.embed
 
-@pytest.mark.parametrize("gradient,grad_stages", [("per_target", 1), ("per_target", 2), ("per_target", 3), ("span", 1), ("span", 2)])
-def test_gradients_reach_exactly_the_configured_stages(gradient, grad_stages):
-    """per_target: the loss of a segment reaches the chunks of its last `grad_stages` compressions and no
-    earlier ones. span: the i-th segment of a span reaches grad_stages + i (truncated backpropagation
-    through the span). Neither reaches the empty memory L_0 once the chain has left it behind."""
-    torch.manual_seed(0)
-    model = build_model(stream_cfg(grad_compression_stages=grad_stages, stream_gradient=gradient), N_STATES, N_ACTIONS).train()
-    tokens = random_tokens(1, 400, seed=5)
-    tokens[0, :, STATE] = torch.arange(400).float() % N_STATES  # so each chunk is identifiable by its first state
-    seg = model.schedule.segments(400)
-    original = model.compress
-
-    def record(latents, chunk_tokens, chunk_valid=None):
-        out = original(latents, chunk_tokens, chunk_valid)
-        if out.requires_grad:
-            for row in range(len(out)):  # one entry per row: rows of one call may be different stages
-                entry = {"step": int(chunk_tokens[row, 0, STATE]), "grad": False}
-                out.register_hook(lambda g, e=entry, r=row: e.update(grad=e["grad"] or bool(g[r].abs().sum() > 0)))
-                calls.append(entry)
+    def record(tokens):  # every embedding call of a chunk: [N, c, C] with N rows of one stage
+        out = original(tokens)
+        if tokens.shape[1] == model.schedule.chunk:
+            out.retain_grad()
+            embedded.append(out)
         return out
 
-    model.compress = record
-    first, span = 5, 3 if gradient == "span" else 1
-    for i in range(span):
-        calls = []
+    model.embed = record
+    logits, _ = model(batch)
+    W = logits.shape[1]
+    for s in range(3):  # the loss of lane 0's segment s reaches compression s's chunk and no earlier one
         model.zero_grad()
-        logits = model.stream_logits(tokens, torch.tensor([first]), torch.tensor([span]), grad_stages=grad_stages)
-        k = first + i
-        logits[0, seg.first_target[k] : seg.end[k]].sum().backward()
-        reached = sorted({c["step"] for c in calls if c["grad"]})
-        deepest = k - grad_stages + 1 - (i if gradient == "span" else 0)
-        assert reached == sorted(int(seg.chunk_start[j - 1]) % N_STATES for j in range(deepest, k + 1)), (i, reached)
+        for e in embedded:
+            e.grad = None
+        logits[s].sum().backward(retain_graph=True)
+        reached = [e.grad is not None and bool(e.grad[0].abs().sum() > 0) for e in embedded]
+        assert reached == [j == s for j in range(3)], (s, reached)
         assert model.encoder.initial_latents.grad is None or model.encoder.initial_latents.grad.abs().sum() == 0
-    # a segment with fewer compressions than grad_stages reaches all of them and L_0
-    model.zero_grad()
-    logits = model.stream_logits(tokens, torch.tensor([1]), torch.tensor([1]), grad_stages=grad_stages)
-    logits[0, seg.first_target[1] : seg.end[1]].sum().backward()
-    assert model.encoder.initial_latents.grad.abs().sum() > 0
+    for row, chunk in ((3, None), (4, 1)):  # lane 1: segment 0 reads L_0 itself, segment 1 compresses L_0 and chunk 1
+        model.zero_grad()
+        for e in embedded:
+            e.grad = None
+        logits[row].sum().backward(retain_graph=True)
+        assert model.encoder.initial_latents.grad.abs().sum() > 0
+        reached = [e.grad is not None and bool(e.grad[-1].abs().sum() > 0) for e in embedded]
+        assert reached == [chunk == j for j in range(3)], (row, reached)
+    assert W == int((model.schedule.segments(400).end - model.schedule.segments(400).window_start).max())
+
+
+def test_a_memory_restart_is_a_history_that_begins_at_the_restart():
+    """memory_reset at segment m: the lane then predicts as a rollout whose history began with segment m's window."""
+    torch.manual_seed(0)
+    model = build_model(stream_cfg(), N_STATES, N_ACTIONS).train()
+    lanes = HistoryLanes(random_histories(T=400), model.schedule, n_lanes=1, segments_per_step=3, seed=0)
+    c, m = model.schedule.chunk, 3
+    batch = lanes.batch(1, np.arange(1))  # segments 3, 4, 5
+    batch["memory"], batch["memory_empty"] = model.encoder.empty_memory(1).detach().clone(), torch.tensor([False])
+    batch["memory_reset"][0, 0] = True  # the memory restarts empty at segment 3
+    logits, _ = model(batch)
+    stream = int(batch["index"][0, 0] // lanes.n_segments)
+    later, _ = rollout_trace(model.eval(), torch.from_numpy(lanes.tokens[stream : stream + 1, m * c :]))
+    for s, k in enumerate((3, 4, 5)):
+        target = torch.from_numpy(lanes.is_target[k])
+        t = torch.from_numpy(lanes.window_t[k])[target] - m * c
+        assert torch.allclose(logits[s][target], later[0, t], atol=1e-5)
+    batch["memory_reset"][0, 0] = False  # without it the carried memory (here L_0 marked as not empty) matters
+    plain, _ = model.train()(batch)
+    assert not torch.allclose(plain[1], logits[1], atol=1e-4)
 
 
 def test_memory_interventions_change_what_they_say_and_nothing_else():
@@ -315,24 +330,7 @@ def test_memory_interventions_change_what_they_say_and_nothing_else():
             assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(latents[:2], normal_latents[:2]))
             assert not torch.allclose(latents[2], normal_latents[2], atol=1e-4)
         else:  # env i holds the latents env donor[i] computed, on its own tokens
-            donor_view, _ = rollout_trace(model, tokens[[1, 0, 3, 2]])
             assert not torch.allclose(latents[0], normal_latents[0][0:1].expand(4, -1, -1), atol=1e-4)
             assert torch.allclose(latents[0], normal_latents[0][[1, 0, 3, 2]], atol=1e-6)
     with pytest.raises(ValueError, match="donor"):
         model.rollout(2, memory="transplant")
-
-
-def test_a_memory_restart_is_a_history_that_begins_at_the_restart():
-    """memory_start = m: the span's latents are those of a rollout whose history began with chunk m + 1."""
-    torch.manual_seed(0)
-    model = build_model(stream_cfg(grad_compression_stages=2), N_STATES, N_ACTIONS).train()
-    tokens = random_tokens(1, 300, seed=8)
-    c, m = model.schedule.chunk, 3
-    later, _ = rollout_trace(model.eval(), tokens[:, m * c :])
-    model.train()
-    logits = model.stream_logits(tokens, torch.tensor([5]), torch.tensor([2]), grad_stages=2, memory_start=torch.tensor([m]))
-    seg = model.schedule.segments(300)
-    targets = slice(seg.first_target[5], seg.end[6])
-    assert torch.allclose(logits[0, targets], later[0, targets.start - m * c : targets.stop - m * c], atol=1e-5)
-    plain = model.stream_logits(tokens, torch.tensor([5]), torch.tensor([2]), grad_stages=2)
-    assert not torch.allclose(plain[0, targets], logits[0, targets], atol=1e-4)

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from dataset_pretrain import ADCompressedPretrainDataset, collate_pretrain_batch
 from model import build_model
 from pretrain_encoder import EncoderPretrainModel, centred_correlation, pretrain_loss, validate
-from tests.conftest import ROOT, TINY, compose_cfg, run_script
+from tests.conftest import ROOT, compose_cfg
 from tests.test_dataset import labelled_histories
 from two_stage import OPTIONS, parse_args, plan
 from utils.io import CheckpointError
@@ -33,21 +33,34 @@ def darkroom_like_histories(n_goals=4, n_streams=4, T=400, seed=0):
             "tasks": np.zeros((n_goals, 2), np.int64), "horizon": 20}
 
 
-def test_pretrain_dataset_depths_streams_and_grouping():
+def test_pretrain_dataset_depths_streams_and_chain_lengths():
     mcfg = pretrain_cfg()
     h = labelled_histories(n_goals=2, n_streams=5, T=400)
     train = ADCompressedPretrainDataset(h, mcfg, "train", n_val_streams=2, depth_weights=[1, 2, 3])
     val = ADCompressedPretrainDataset(h, mcfg, "val", n_val_streams=2)
-    depth = train.sample_layout(np.arange(len(train)))[0]
-    counts = np.bincount(depth, minlength=4)
+    batch = train.__getitems__(np.arange(len(train)))
+    counts = np.bincount(batch["depth"].numpy(), minlength=4)
     assert counts[0] == 0 and counts[1] < counts[2] < counts[3]  # no depth 0, weighted towards deeper
+    lengths = batch["chunk_lengths"]
+    used = lengths[torch.arange(3)[None] < batch["depth"][:, None]]
+    assert used.min() == mcfg.min_compress_length and used.max() == mcfg.max_compress_length
+    assert (lengths[torch.arange(3)[None] >= batch["depth"][:, None]] == 0).all()
+    for b in range(0, len(train), 37):  # a chain is contiguous steps of one stream
+        states = torch.cat([batch["chunks"][b, j, : int(lengths[b, j]), 4] for j in range(int(batch["depth"][b]))]).long()
+        assert (states // 1000 == states[0] // 1000).all() and (torch.diff(states) == 1).all()
     stream_of = lambda ds, idx: set((ds.__getitems__(idx)["chunks"][:, 0, 0, 4].long() // 1000).tolist())
     train_streams = stream_of(train, np.arange(0, len(train), 7))
     val_streams = stream_of(val, np.arange(0, len(val), 7))
     assert train_streams and val_streams and not train_streams & val_streams  # held-out streams
-    batch = collate_pretrain_batch(train.__getitems__(np.arange(0, len(train), 97)[:16]))
-    for j, idx in enumerate(batch["stage_index"]):
-        assert (batch["chunk_lengths"][idx, j] > 0).all() and (batch["chunk_lengths"][:, j] > 0).sum() == len(idx)
+    trimmed = collate_pretrain_batch(train.__getitems__(np.arange(0, len(train), 97)[:16]))
+    assert trimmed["chunks"].shape[1:3] == (int(trimmed["depth"].max()), int(trimmed["chunk_lengths"].max()))
+
+
+def test_stage1_chunk_lengths_min_above_max_are_refused():
+    from dataset import DatasetError
+
+    with pytest.raises(DatasetError, match=r"min_compress_length \(45\) <= model.max_compress_length \(40\)"):
+        ADCompressedPretrainDataset(labelled_histories(T=400), pretrain_cfg(min_compress_length=45), "train", 1)
 
 
 def test_checkpoint_has_exactly_the_seed_keys_and_loads_into_compressed_ad(tmp_path):
@@ -93,8 +106,9 @@ def test_wrong_shape_and_missing_file_give_clear_errors(tmp_path):
 
 
 def test_frozen_encoder_stays_bit_identical_while_decoder_trains():
+    from dataset import HistoryLanes
     from train import action_loss
-    from dataset import ADCompressedDataset, collate_compressed_batch
+    from utils.lanes import exact_memory
 
     mcfg = pretrain_cfg(tf_dropout=0.0)
     model = build_model(mcfg, N_STATES, N_ACTIONS)
@@ -102,10 +116,11 @@ def test_frozen_encoder_stays_bit_identical_while_decoder_trains():
     frozen = {k: v.clone() for k, v in model.state_dict().items() if k.split(".")[0] in ("encoder", "embed_context", "embed_ln")}
     decoder_before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ds = ADCompressedDataset(darkroom_like_histories(), 3, 20, 40, 20, 40)
+    lanes = HistoryLanes(darkroom_like_histories(), model.schedule, n_lanes=4, segments_per_step=2)
+    carried = exact_memory(model, lanes, 0, np.arange(4), "cpu")
     for step in range(3):
-        batch = collate_compressed_batch(ds.__getitems__(np.arange(step * 8, step * 8 + 8) * 13))
-        loss, _ = action_loss(model, batch)
+        batch = {**lanes.batch(step, np.arange(4)), "memory": carried[0], "memory_empty": carried[1]}
+        loss, _, carried = action_loss(model, batch)
         loss.backward()
         opt.step()
         opt.zero_grad()

@@ -19,7 +19,7 @@ def events(run_dir):
     return files, acc
 
 
-@pytest.mark.parametrize("model", ["ad_dr", "ad_compressed_dr", "ad_compressed_dr_chains"])
+@pytest.mark.parametrize("model", ["ad_dr", "ad_compressed_dr"])
 def test_collect_train_evaluate_end_to_end(tiny_data, tmp_path, model):
     runs = tmp_path / "runs"
     common = tiny_data + [f"run_root={runs}"]
@@ -37,7 +37,8 @@ def test_collect_train_evaluate_end_to_end(tiny_data, tmp_path, model):
             "eval/fraction_of_optimal_last10", "val/loss_action", "val/loss_action_ep0", "test/fraction_of_optimal_last10",
             "test/loss_action"} <= tags
     if model.startswith("ad_compressed_dr"):
-        assert {"eval/n_compressions", "val/memory_value/chunks1", "val/memory_value/all"} <= tags
+        assert {"eval/n_compressions", "val/memory_value/chunks1", "val/memory_value/all", "train/memory_staleness"} <= tags
+        assert ckpt["lanes"]["memory"].shape == (4, 16, 64) and ckpt["lanes"]["n_lanes"] == 4
     assert "config" in "".join(acc.Tags()["tensors"])  # hyperparameters as text
     # train.py's final evaluations: validation for choices, test reported
     for split in ("val", "test"):
@@ -126,12 +127,14 @@ def test_existing_run_dir_is_not_overwritten(tiny_data, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in (runs / "twice").iterdir()} == before
 
 
-def test_two_cpu_processes_through_accelerate_launch(tiny_data, tmp_path):
-    """accelerate_config.yaml with 2 processes on CPU: world size 2, disjoint data, one run dir and event file."""
+@pytest.mark.parametrize("model,port", [("ad_dr", 29517), ("ad_compressed_dr", 29518)])
+def test_two_cpu_processes_through_accelerate_launch(tiny_data, tmp_path, model, port):
+    """accelerate_config.yaml with 2 processes on CPU: world size 2, disjoint data (AD's windows; CompressedAD's
+    lanes, each rank its own histories), one run dir and event file."""
     runs = tmp_path / "runs"
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_config.yaml"),
-                "--num_processes", "2", "--main_process_port", "29517"]
-    out = run_script("train.py", *tiny_data, f"run_root={runs}", *TINY_TRAIN["ad_dr"], "run_name=ddp",
+                "--num_processes", "2", "--main_process_port", str(port)]
+    out = run_script("train.py", *tiny_data, f"run_root={runs}", *TINY_TRAIN[model], "run_name=ddp",
                      "log_first_batch=true", launcher=launcher, env={"CUDA_VISIBLE_DEVICES": ""})
     assert "2 process(es)" in out.stdout
     # Two ranks share stdout, so their records can land on one line: find each record, not each line.
@@ -150,7 +153,7 @@ def test_two_cpu_processes_through_accelerate_launch(tiny_data, tmp_path):
 def test_two_stage_wrapper_end_to_end(tiny_data, tmp_path):
     """bash train_two_stage.sh: collect -> stage 1 -> stage 2 with its checkpoint -> evaluation, all tiny."""
     runs = tmp_path / "runs"
-    tiny = [*tiny_data, f"run_root={runs}", "model.max_compression_depth=3", "model.train_timesteps=4", "model.pretrain_steps=4", "model.train_batch_size=4",
+    tiny = [*tiny_data, f"run_root={runs}", "model.train_timesteps=4", "model.pretrain_steps=4", "model.train_batch_size=4",
             "model.pretrain_batch_size=4", "model.tf_n_layer=1", "model.encoder_n_layer=1", "model.pretrain_decoder_n_layer=1",
             "model.pretrain_save_interval=2", "model.pretrain_val_streams=1", "log_interval=2", "eval_interval=0",
             "++save_interval=2"]

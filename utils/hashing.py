@@ -14,4 +14,6 @@ def hashed_ints(index: np.ndarray, salt: int, low, high) -> np.ndarray:
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))
     span = np.asarray(high, dtype=np.int64) - np.asarray(low, dtype=np.int64) + 1
+    if (span < 1).any():
+        raise ValueError(f"hashed_ints needs low <= high, got low={low}, high={high}")
     return np.asarray(low, dtype=np.int64) + (z % span.astype(np.uint64)).astype(np.int64)

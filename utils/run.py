@@ -73,7 +73,10 @@ def prepare_for_training(accelerator, model, optimizer, loader):
     """accelerator.prepare, minus the DistributedDataParallel wrapper Accelerate puts even around a single
     CPU process (`accelerate launch --num_processes 1` with a multi-process config): with nothing to
     synchronise it only costs time. Mixed-precision autocast is applied to the inner model, so it stays."""
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if loader is None:  # CompressedAD's lanes feed each rank its own histories
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if accelerator.num_processes == 1 and isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
     return model, optimizer, loader
