@@ -8,8 +8,8 @@ of identical shape.
 "Project step" = batch gathering from the real dataset + forward + backward + clipping + AdamW, as in
 train.py. "Targets" = the action predictions the loss is taken on (targets not equal to -100). CompressedAD
 runs at its quick preset (96 lanes, one segment each a step) and at the AD-240 batch of histories (16 lanes,
-6 segments each: about AD-240's targets a step); "shallow" / "deep" put every lane at the second / the
-last segment(s) of its histories. "Bare" = nn.TransformerEncoder (same width, depth, heads, MLP,
+6 segments each: about AD-240's targets a step); "shallow" / "deep" put every lane at segment 10 / the
+second-to-last segment of its histories. "Bare" = nn.TransformerEncoder (same width, depth, heads, MLP,
 pre-LN, dropout on the residual branches only, as the project's blocks: no attention-weight dropout) on
 random inputs with the same loss and optimizer. The machines are shared and noisy, so the models' steps are
 timed interleaved, round after round, and each figure is a median over rounds: ratios compare like with like.
@@ -127,6 +127,7 @@ def main() -> None:
     args, extra = p.parse_known_args()
     torch.manual_seed(0)
     print(f"{torch.get_num_threads()} threads, median of {args.steps} interleaved rounds per env")
+    per_target = {}
     for env in args.envs:
         ad, cad = AD_MODEL[env], COMPRESSED_MODEL[env]
         cfgs = {
@@ -138,8 +139,9 @@ def main() -> None:
         steps = {name: project_step(cfg) for name, cfg in cfgs.items()}
         n_segments = build_dataset(cfgs["CompressedAD (preset)"].model, load_histories(cfgs["AD, window 40"], "train")).n_segments
         S = cfgs["CompressedAD (preset)"].model.segments_per_step
-        steps["CompressedAD, shallow"] = project_step(cfgs["CompressedAD (preset)"], at_segment=1)
-        steps["CompressedAD, deep"] = project_step(cfgs["CompressedAD (preset)"], at_segment=n_segments - S)
+        # both past episode 10, where source noise (context, never a target) begins; the last segment is short
+        steps["CompressedAD, shallow"] = project_step(cfgs["CompressedAD (preset)"], at_segment=10)
+        steps["CompressedAD, deep"] = project_step(cfgs["CompressedAD (preset)"], at_segment=n_segments - 1 - S)
         a = cfgs["AD, window 240"].model
         steps["bare nn.TransformerEncoder, AD-240 shape"] = bare_step(a.n_transit, a.tf_n_embd, a.tf_n_layer, a.tf_n_head, a.tf_dropout,
                                                                       a.train_batch_size, token_dim(81, 5))
@@ -150,12 +152,17 @@ def main() -> None:
                   f"{1e6 * sec / targets:6.1f} us/target", flush=True)
         rate = {k: t / s for k, (s, t) in res.items()}
         us = {k: 1e6 * s / t for k, (s, t) in res.items()}
+        per_target[env] = us["CompressedAD (preset)"]
         print(f"  CompressedAD targets/s / AD-240's: preset {rate['CompressedAD (preset)'] / rate['AD, window 240']:.2f}, "
               f"16 lanes x 6 {rate['CompressedAD, 16 lanes x 6'] / rate['AD, window 240']:.2f}; "
               f"/ AD-40's: preset {rate['CompressedAD (preset)'] / rate['AD, window 40']:.2f}")
-        print(f"  CompressedAD cost per target, deep / shallow = {us['CompressedAD, deep'] / us['CompressedAD, shallow']:.2f}")
+        print(f"  CompressedAD deep / shallow: step time {res['CompressedAD, deep'][0] / res['CompressedAD, shallow'][0]:.2f}, "
+              f"cost per target {us['CompressedAD, deep'] / us['CompressedAD, shallow']:.2f}")
         print(f"  AD-240 project step / bare nn.TransformerEncoder of the same shape = "
               f"{res['AD, window 240'][0] / res['bare nn.TransformerEncoder, AD-240 shape'][0]:.2f}")
+    if len(per_target) == 2:
+        print(f"\nCompressedAD (preset) seconds per training target, Key-to-Door / Darkroom = "
+              f"{per_target['dark_key_to_door'] / per_target['darkroom']:.2f} (histories of 6000 / 2000 steps)")
 
 
 if __name__ == "__main__":
