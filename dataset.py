@@ -211,10 +211,6 @@ class HistoryLanes:
         self.window_t = np.minimum(t, self.T - 1)
         self._orders = {}
 
-    @property
-    def targets_per_epoch(self) -> int:
-        return int((self.actions != -100).sum())
-
     def _stream(self, j: np.ndarray) -> np.ndarray:
         """The stream of the j-th history in the reading sequence (every stream once per epoch)."""
         epoch, pos = np.divmod(j, self.n_streams)

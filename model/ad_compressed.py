@@ -173,10 +173,10 @@ class CompressedAD(nn.Module):
         batch["target_actions"], and the memory to carry into the next step (detached) with its empty flags.
         """
         memory, empty, reset = batch["memory"], batch["memory_empty"], batch["memory_reset"]
-        n_lanes, n_steps = reset.shape
+        n_lanes, n_segments = reset.shape
         initial = self.encoder.empty_memory(n_lanes)
         latents = []
-        for s in range(n_steps):
+        for s in range(n_segments):
             previous = torch.where(empty[:, None, None], initial, memory.detach())  # L_0 keeps its gradient
             rows = torch.nonzero(~reset[:, s]).squeeze(1)
             if rows.numel() == n_lanes:
@@ -186,8 +186,7 @@ class CompressedAD(nn.Module):
                     initial.index_put((rows,), self.compress(previous[rows], batch["chunks"][rows, s]))
             empty = reset[:, s]
             latents.append(memory)
-        windows = batch["windows"]
-        logits, _ = self.decode(torch.stack(latents, 1).flatten(0, 1), windows.flatten(0, 1))
+        logits, _ = self.decode(torch.stack(latents, 1).flatten(0, 1), batch["windows"].flatten(0, 1))
         return logits, (memory.detach(), empty)
 
     # ------------------------------------------------------------------ the teacher-forced view (exact, no gradient)

@@ -13,7 +13,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a file: python scripts/<name>.py
 from scripts.runs import ROOT, eval_result, first_step_below, last10_over_seeds, mean_pm, run, scalars, write_table

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -28,6 +29,15 @@ TINY_TRAIN = {
                          "model.segments_per_step=2", "model.tf_n_layer=1", "model.encoder_n_layer=1", "log_interval=2",
                          "eval_interval=0", "save_interval=3"],
 }
+
+
+def random_histories(n_goals=2, n_streams=2, T=400, seed=0, n_states=81, n_actions=5):
+    """Learning-history arrays of the dataset's layout with random Darkroom-range content (model and data tests)."""
+    rng = np.random.default_rng(seed)
+    states = rng.integers(0, n_states, (n_goals, n_streams, T))
+    return {"states": states, "next_states": rng.integers(0, n_states, states.shape),
+            "actions": rng.integers(0, n_actions, states.shape), "rewards": (rng.random(states.shape) < 0.2).astype(np.float32),
+            "tasks": np.zeros((n_goals, 2), np.int64), "horizon": 20}
 
 
 def compose_cfg(config_name: str, overrides: list[str]):

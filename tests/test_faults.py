@@ -77,7 +77,7 @@ def test_resume_needs_a_run_and_the_same_model_data_and_seed(tiny_data, tmp_path
 def test_compressed_ad_resume_refuses_another_lane_layout(tiny_data, tmp_path):
     """Lane count, segments per step and recipe are part of the run: a resume that changes them is refused."""
     from dataset import HistoryLanes
-    from tests.test_model import random_histories
+    from tests.conftest import random_histories
     from utils.lanes import lane_layout, restore_lanes
     from utils.run import UserConfigError
 

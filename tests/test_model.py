@@ -9,7 +9,7 @@ from model.ad_compressed import decoder_mask
 from model.schedule import CompressionSchedule
 from model.tokens import random_tokens as tokens_in_range
 from model.transformer import Transformer
-from tests.conftest import ROOT
+from tests.conftest import ROOT, random_histories
 
 N_STATES, N_ACTIONS = 81, 5
 
@@ -204,14 +204,6 @@ def test_teacher_forced_view_equals_the_rollout_latents_and_logits(memory):
         assert torch.allclose(latents[:, k], lat, atol=1e-5)
         if not memory:  # the slow reference for what training carries: L_k from the history's start
             assert torch.allclose(model.memory_at(tokens, torch.full((3,), k)), lat, atol=1e-5)
-
-
-def random_histories(n_goals=2, n_streams=2, T=400, seed=0):
-    rng = np.random.default_rng(seed)
-    states = rng.integers(0, N_STATES, (n_goals, n_streams, T))
-    return {"states": states, "next_states": rng.integers(0, N_STATES, states.shape),
-            "actions": rng.integers(0, N_ACTIONS, states.shape), "rewards": (rng.random(states.shape) < 0.2).astype(np.float32),
-            "tasks": np.zeros((n_goals, 2), np.int64), "horizon": 20}
 
 
 def run_lanes(model, lanes, steps, lane_ids):

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from dataset_pretrain import ADCompressedPretrainDataset, collate_pretrain_batch
 from model import build_model
 from pretrain_encoder import EncoderPretrainModel, centred_correlation, pretrain_loss, validate
-from tests.conftest import ROOT, compose_cfg
+from tests.conftest import ROOT, compose_cfg, random_histories
 from tests.test_dataset import labelled_histories
 from two_stage import OPTIONS, parse_args, plan
 from utils.io import CheckpointError
@@ -23,14 +23,6 @@ def pretrain_cfg(**over):
     cfg = compose_cfg("pretrain_encoder", ["experiment=quick", "model.encoder_n_layer=1", "model.pretrain_decoder_n_layer=1"])
     cfg.model.merge_with(over)
     return cfg.model
-
-
-def darkroom_like_histories(n_goals=4, n_streams=4, T=400, seed=0):
-    rng = np.random.default_rng(seed)
-    states = rng.integers(0, N_STATES, (n_goals, n_streams, T))
-    return {"states": states, "next_states": rng.integers(0, N_STATES, states.shape),
-            "actions": rng.integers(0, N_ACTIONS, states.shape), "rewards": (rng.random(states.shape) < 0.2).astype(np.float32),
-            "tasks": np.zeros((n_goals, 2), np.int64), "horizon": 20}
 
 
 def test_pretrain_dataset_depths_streams_and_chain_lengths():
@@ -116,7 +108,7 @@ def test_frozen_encoder_stays_bit_identical_while_decoder_trains():
     frozen = {k: v.clone() for k, v in model.state_dict().items() if k.split(".")[0] in ("encoder", "embed_context", "embed_ln")}
     decoder_before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    lanes = HistoryLanes(darkroom_like_histories(), model.schedule, n_lanes=4, segments_per_step=2)
+    lanes = HistoryLanes(random_histories(n_goals=4, n_streams=4), model.schedule, n_lanes=4, segments_per_step=2)
     carried = exact_memory(model, lanes, 0, np.arange(4), "cpu")
     for step in range(3):
         batch = {**lanes.batch(step, np.arange(4)), "memory": carried[0], "memory_empty": carried[1]}
@@ -132,7 +124,7 @@ def test_frozen_encoder_stays_bit_identical_while_decoder_trains():
 def test_objective_has_detached_targets_and_collapse_scores_zero():
     mcfg = pretrain_cfg(tf_dropout=0.0)
     model = EncoderPretrainModel(N_STATES, N_ACTIONS, mcfg)
-    ds = ADCompressedPretrainDataset(darkroom_like_histories(), mcfg, "train", 1)
+    ds = ADCompressedPretrainDataset(random_histories(n_goals=4, n_streams=4), mcfg, "train", 1)
     batch = collate_pretrain_batch(ds.__getitems__(np.arange(16) * 31))
     stages = model(batch)
     assert len(stages) == int(batch["depth"].max())
