@@ -62,7 +62,7 @@ def plan(args, overrides: list[str]) -> list[list[str]]:
         args.num_processes = max(1, torch.cuda.device_count())
     py = sys.executable
     launch = [py, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_config.yaml"),
-              "--num_processes", str(args.num_processes)]
+              "--num_processes", str(args.num_processes), *cpu_threads(args.num_processes)]
     used = set()
 
     def keep(config_name, base=()):
@@ -93,6 +93,19 @@ def plan(args, overrides: list[str]) -> list[list[str]]:
     if unknown:
         raise SystemExit(f"Error: no stage has a config key for {unknown}; check the spelling (python train.py --cfg job lists the keys).")
     return stages
+
+
+def cpu_threads(num_processes: int) -> list[str]:
+    """On a machine without CUDA, `accelerate launch` with this GPU config file sets OMP_NUM_THREADS=1 (its CPU
+    heuristic applies only to use_cpu configs): a single process would train on one core. Give each process its
+    share of the cores instead, unless OMP_NUM_THREADS says otherwise."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get("OMP_NUM_THREADS"):
+        return []
+    return ["--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // num_processes))]
 
 
 def overrides_for(config_name: str, overrides: list[str], base: list[str]) -> list[str]:
