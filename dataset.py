@@ -26,14 +26,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
 from model.schedule import CompressionSchedule
-from model.tokens import build_tokens
+from model.tokens import NO_TARGET, build_tokens
+from utils.errors import DatasetError
 from utils.hashing import hashed_ints
 
 HISTORY_KEYS = ("states", "actions", "rewards", "next_states")
-
-
-class DatasetError(RuntimeError):
-    """A dataset that is missing, incomplete or made for another config; the message says what to run."""
 
 
 def _plain(cfg) -> dict:
@@ -118,12 +115,12 @@ def load_histories(cfg, split: str) -> dict:
 
 
 def stream_tokens(histories: dict) -> tuple[np.ndarray, np.ndarray]:
-    """[G, S, T] histories -> tokens [G*S, T, 6] and target actions [G*S, T] (-100 on noise steps): one row per stream."""
+    """[G, S, T] histories -> tokens [G*S, T, 6] and target actions [G*S, T] (NO_TARGET on noise steps): one row per stream."""
     G, S, T = histories["states"].shape
     tokens = build_tokens(*(histories[k].reshape(G * S, T) for k in HISTORY_KEYS), horizon=histories["horizon"])
     targets = histories["actions"].reshape(G * S, T).astype(np.int64)
     if "noise" in histories:
-        targets[histories["noise"].reshape(G * S, T)] = -100
+        targets[histories["noise"].reshape(G * S, T)] = NO_TARGET
     return tokens, targets
 
 
@@ -138,7 +135,7 @@ class ADDataset(Dataset):
     Starts run from -(n_transit - 1) to T - 1 and windows are cut to the stream, so every step is a
     target of exactly n_transit windows: the stream's first and last steps train as often as its
     middle. A window's first token sits at position 0, as after a rollout's reset or drop; positions
-    past a cut window's end are padding (target -100) that the causal mask keeps from the others.
+    past a cut window's end are padding (target NO_TARGET) that the causal mask keeps from the others.
     """
 
     def __init__(self, histories: dict, n_transit: int):
@@ -160,7 +157,7 @@ class ADDataset(Dataset):
         t = np.maximum(start, 0)[:, None] + np.arange(self.n_transit)
         valid = t < np.minimum(self.T, start + self.n_transit)[:, None]
         t = np.minimum(t, self.T - 1)
-        targets = np.where(valid, self.actions[stream[:, None], t], -100)
+        targets = np.where(valid, self.actions[stream[:, None], t], NO_TARGET)
         return {
             "index": torch.from_numpy(indices),
             "tokens": torch.from_numpy(self.tokens[stream[:, None], t]),
@@ -242,14 +239,14 @@ class HistoryLanes:
 
     def segments(self, j: np.ndarray, k: np.ndarray) -> dict:
         """The tokens of segments k [L, S] of histories j [L, S]; `index` names each segment (stream * n_segments
-        + k) and targets are -100 outside a segment's own steps and on noise."""
+        + k) and targets are NO_TARGET outside a segment's own steps and on noise."""
         stream = self._stream(j)
         t = self.window_t[k]  # [L, S, W]
         return {
             "index": torch.from_numpy(stream * self.n_segments + k),
             "chunks": torch.from_numpy(self.tokens[stream[..., None], self.chunk_t[k]]),
             "windows": torch.from_numpy(self.tokens[stream[..., None], t]),
-            "target_actions": torch.from_numpy(np.where(self.is_target[k], self.actions[stream[..., None], t], -100)
+            "target_actions": torch.from_numpy(np.where(self.is_target[k], self.actions[stream[..., None], t], NO_TARGET)
                                                .reshape(-1, t.shape[-1])),
             "memory_reset": torch.from_numpy((k == 0) | self.restarts(j, k)),
         }

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dataset import DatasetError, stream_tokens
+from dataset import stream_tokens
+from utils.errors import DatasetError
 from utils.hashing import hashed_ints
 
 

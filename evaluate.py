@@ -25,9 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 from env import GridTaskSpec, make_env_spec
 from model import build_model
 from model.ad_compressed import MEMORY_MODES
-from model.tokens import TokenStream
+from model.tokens import NO_TARGET, TokenStream
+from utils.errors import DatasetError, UserConfigError
 from utils.io import atomic_write_json, load_checkpoint
-from utils.run import UserConfigError, exit_on_user_error
+from utils.run import exit_on_user_error
 
 N_BOOTSTRAP = 2000
 MEMORY_VALUE_CHUNKS = (0, 1, 2, 4, 8)  # compressed chunks kept before each target; plus all of them
@@ -190,10 +191,10 @@ def held_out_loss(model, histories: dict, n_streams_per_task: int, device="cpu",
     tokens, actions = torch.from_numpy(tokens).to(device), torch.from_numpy(actions).to(device)
     T = tokens.shape[1]
 
-    valid = actions != -100  # noise steps are context only
+    valid = actions != NO_TARGET  # noise steps are context only
 
     def per_step(logits):
-        return F.cross_entropy(logits.transpose(1, 2).float(), actions, ignore_index=-100, reduction="none")  # [N, T]
+        return F.cross_entropy(logits.transpose(1, 2).float(), actions, ignore_index=NO_TARGET, reduction="none")  # [N, T]
 
     def mean(x, cols=slice(None)):
         return float(x[:, cols][valid[:, cols]].float().mean())
@@ -240,7 +241,7 @@ def plot_curve(result: dict, source_curve: list | None, path: Path) -> None:
 
 def source_curve_for(run_cfg: dict, split: str) -> list | None:
     """The source algorithm's learning curve on the same tasks, if the dataset is on disk."""
-    from dataset import DatasetError, load_metadata
+    from dataset import load_metadata
 
     try:
         return load_metadata(OmegaConf.create(run_cfg))["learning_curve"][split]
@@ -277,7 +278,7 @@ def evaluate(cfg: DictConfig) -> dict:
     result.update(split=cfg.split, memory=cfg.memory, memory_chunks=cfg.memory_chunks if cfg.memory == "truncate" else None,
                   checkpoint=str(cfg.checkpoint), global_step=int(ckpt.get("global_step", -1)), env=run_cfg["env"]["name"])
     if cfg.memory == "normal" and cfg.held_out_streams_per_task:
-        from dataset import DatasetError, load_histories
+        from dataset import load_histories
 
         try:
             result["held_out"] = held_out_loss(model, load_histories(OmegaConf.create(run_cfg), cfg.split),

@@ -32,14 +32,31 @@ from tqdm.auto import tqdm
 from dataset import load_histories
 from dataset_pretrain import ADCompressedPretrainDataset, collate_pretrain_batch
 from env import make_env_spec
-from model import check_sizes
+from model import model_config
 from model.ad_compressed import CompressionEncoder
-from model.tokens import PREV_ACTION, PREV_REWARD, STATE, token_dim, token_features
+from model.tokens import (
+    NO_TARGET,
+    PREV_ACTION,
+    PREV_REWARD,
+    STATE,
+    token_dim,
+    token_features,
+)
 from model.transformer import Transformer, init_weights
+from utils.errors import RunDirError, TrainingError, UserConfigError
 from utils.io import atomic_torch_save, load_checkpoint
-from utils.run import (RunDirError, TrainingError, UserConfigError, config_as_markdown, cosine_schedule, exit_on_user_error,
-                       make_optimizer, newest_checkpoint, plain_config, prepare_for_training, prepare_run_dir, restore_rng_states,
-                       rng_states)
+from utils.run import (
+    config_as_markdown,
+    cosine_schedule,
+    exit_on_user_error,
+    make_optimizer,
+    newest_checkpoint,
+    plain_config,
+    prepare_for_training,
+    prepare_run_dir,
+    restore_rng_states,
+    rng_states,
+)
 from utils.stage1 import stage1_checkpoint
 
 
@@ -87,9 +104,7 @@ class EncoderPretrainModel(nn.Module):
         self.n_states, self.n_actions = n_states, n_actions
         self.embed_context = nn.Linear(token_dim(n_states, n_actions), mcfg.tf_n_embd)
         self.embed_ln = nn.LayerNorm(mcfg.tf_n_embd)
-        self.encoder = CompressionEncoder(mcfg.n_latent, mcfg.tf_n_embd, mcfg.encoder_n_layer, mcfg.encoder_n_head,
-                                          mcfg.encoder_dropout,
-                                          mcfg.max_compress_length, mcfg.get("latent_write", "replace"))
+        self.encoder = CompressionEncoder.from_config(model_config(mcfg))
         self.decoder = ReconstructionDecoder(mcfg.n_latent, mcfg.tf_n_embd, mcfg.pretrain_decoder_n_layer,
                                              mcfg.tf_n_head, mcfg.max_compress_length, n_states, n_actions)
         self.embed_context.apply(init_weights)
@@ -129,10 +144,10 @@ def stage_losses(stage: dict) -> dict:
     out = {"mse_chunk": (((pred["chunk_embeddings"] - stage["target_chunk"]) ** 2).mean(-1) * v).sum() / n}
     if stage["target_prev"] is not None:
         out["mse_latents"] = ((pred["prev_latents"] - stage["target_prev"]) ** 2).mean()
-    state_t = tokens[..., STATE].long().masked_fill(~valid, -100)
-    action_t = tokens[..., PREV_ACTION].long().masked_fill(~valid | (tokens[..., PREV_ACTION] < 0), -100)
-    out["ce_state"] = F.cross_entropy(pred["state_logits"].transpose(1, 2), state_t, ignore_index=-100)
-    out["ce_action"] = F.cross_entropy(pred["action_logits"].transpose(1, 2), action_t, ignore_index=-100)
+    state_t = tokens[..., STATE].long().masked_fill(~valid, NO_TARGET)
+    action_t = tokens[..., PREV_ACTION].long().masked_fill(~valid | (tokens[..., PREV_ACTION] < 0), NO_TARGET)
+    out["ce_state"] = F.cross_entropy(pred["state_logits"].transpose(1, 2), state_t, ignore_index=NO_TARGET)
+    out["ce_action"] = F.cross_entropy(pred["action_logits"].transpose(1, 2), action_t, ignore_index=NO_TARGET)
     out["bce_reward"] = (F.binary_cross_entropy_with_logits(pred["reward_logits"], tokens[..., PREV_REWARD].clamp(0, 1),
                                                             reduction="none") * v).sum() / n
     return out
@@ -235,7 +250,7 @@ def pretrain_encoder(cfg: DictConfig) -> dict:
     mcfg, world = cfg.model, accelerator.num_processes
     try:
         spec = make_env_spec(cfg.env)
-        check_sizes(mcfg)
+        model_config(mcfg)  # the architecture stage 2 will build, validated
     except ValueError as e:
         raise UserConfigError(str(e)) from None
     if mcfg.pretrain_batch_size < world or mcfg.pretrain_batch_size % world:

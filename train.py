@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import asdict
 from itertools import count
 from pathlib import Path
 
@@ -25,26 +26,50 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from dataset import HistoryLanes, build_dataset, collate_batched, histories_dir, load_histories, load_metadata
+from dataset import (
+    HistoryLanes,
+    build_dataset,
+    collate_batched,
+    histories_dir,
+    load_histories,
+    load_metadata,
+)
 from env import make_env_spec
-from evaluate import held_out_loss, result_name, run_in_context, summarize, write_results
-from model import MODELS, build_model, check_sizes
+from evaluate import (
+    held_out_loss,
+    result_name,
+    run_in_context,
+    summarize,
+    write_results,
+)
+from model import build_model, model_config
+from model.tokens import NO_TARGET
+from utils.errors import RunDirError, TrainingError, UserConfigError
 from utils.io import atomic_torch_save, load_checkpoint
 from utils.lanes import exact_memory, lane_state, memory_staleness, restore_lanes
+from utils.run import (
+    config_as_markdown,
+    cosine_schedule,
+    exit_on_user_error,
+    make_optimizer,
+    newest_checkpoint,
+    plain_config,
+    prepare_for_training,
+    prepare_run_dir,
+    restore_rng_states,
+    rng_states,
+)
 from utils.stage1 import freeze_stage1, load_stage1
-from utils.run import (RunDirError, TrainingError, UserConfigError, config_as_markdown, cosine_schedule, exit_on_user_error,
-                       make_optimizer, newest_checkpoint, plain_config, prepare_for_training, prepare_run_dir, restore_rng_states,
-                       rng_states)
 
 
 def action_loss(model, batch: dict) -> tuple[torch.Tensor, dict, tuple | None]:
-    """Cross-entropy of the predicted actions (targets of -100 are ignored), a flat log dict, and what
+    """Cross-entropy of the predicted actions (NO_TARGET targets are ignored), a flat log dict, and what
     the model carries into the next step (CompressedAD's lane memory; None for AD)."""
     out = model(batch)
     logits, carried = out if isinstance(out, tuple) else (out, None)
     targets = batch["target_actions"]
-    per_token = F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=-100, reduction="none")
-    valid = targets != -100
+    per_token = F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=NO_TARGET, reduction="none")
+    valid = targets != NO_TARGET
     loss = per_token.sum() / valid.sum()
     acc = (logits.argmax(-1) == targets)[valid].float().mean()
     return loss, {"loss_action": loss.detach(), "acc_action": acc.detach(), "n_targets": valid.sum().float()}, carried
@@ -71,11 +96,13 @@ def save_checkpoint(path: Path, accelerator, model, optimizer, scheduler, step: 
     """Everything a resume needs: weights, optimizer, scheduler, step, config (plain), every rank's RNG and
     CompressedAD's carried lane memory. Data order needs no state: it is a function of the seed and the step."""
     states = rng_states(accelerator)
+    raw = accelerator.unwrap_model(model, keep_torch_compile=False)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_torch_save(
             {
-                "model_state_dict": accelerator.unwrap_model(model, keep_torch_compile=False).state_dict(),
+                "model_state_dict": raw.state_dict(),
+                "model_config": asdict(raw.config),  # the typed architecture (model/ad*.py), derived fields filled in
                 "optimizer_state_dict": optimizer.state_dict(),
                 "scheduler_state_dict": scheduler.state_dict(),
                 "rng_states": states,
@@ -122,12 +149,15 @@ def validate_config(cfg: DictConfig, world: int):
     mcfg = cfg.model
     try:
         spec = make_env_spec(cfg.env)
-        if mcfg.model not in MODELS:
-            raise ValueError(f"Unknown model '{mcfg.model}'. Known models: {sorted(MODELS)} (pick model=<file in config/model>).")
-        if mcfg.model == "CompressedAD":
-            check_sizes(mcfg)
+        model_config(mcfg)  # the architecture, validated
     except ValueError as e:
         raise UserConfigError(str(e)) from None
+    if mcfg.model == "CompressedAD":  # the lane recipe
+        steps = mcfg.segments_per_step
+        if steps is not None and steps < 1:
+            raise UserConfigError(f"model.segments_per_step ({steps}) must be >= 1, or null (whole histories).")
+        if not 0 <= mcfg.memory_restart <= 1:
+            raise UserConfigError(f"model.memory_restart ({mcfg.memory_restart}) must be a probability in [0, 1].")
     if mcfg.train_batch_size < world or mcfg.train_batch_size % world:
         raise UserConfigError(
             f"model.train_batch_size={mcfg.train_batch_size} must be a positive multiple of the number of processes ({world})."

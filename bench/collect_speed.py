@@ -7,15 +7,12 @@ the default quick-preset settings; the ratio is measured in one run on the same 
 """
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from algorithm.q_learning import run_q_learning  # noqa: E402
-from env import ACTION_DELTAS, DarkroomSpec  # noqa: E402
+from algorithm.q_learning import run_q_learning
+from env import ACTION_DELTAS, DarkroomSpec
 
 CFG = dict(n_episodes=60, gamma=0.9, alpha=1.0, q_init=6.0, epsilon_start=0.1, epsilon_end=0.0,
            epsilon_decay_episodes=40, n_replay_sweeps=3)

@@ -16,7 +16,6 @@ A few minutes at most on one GPU. Without a GPU it says so and runs its smoke si
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -24,12 +23,11 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra import compose, initialize_config_dir
 
-from model import build_model  # noqa: E402
-from model.tokens import random_tokens as tokens_in_range  # noqa: E402
-from utils.run import make_optimizer  # noqa: E402
+from model import build_model
+from model.tokens import random_tokens as tokens_in_range
+from utils.run import make_optimizer
 
 N_STATES, N_ACTIONS = 81, 5
 

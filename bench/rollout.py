@@ -12,18 +12,16 @@ Untrained weights: the cost does not depend on them.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra import compose, initialize_config_dir
 
-from model import build_model, rollout_memory_bytes  # noqa: E402
-from model.tokens import random_tokens  # noqa: E402
+from model import build_model, rollout_memory_bytes
+from model.tokens import random_tokens
 
 
 def model_cfg(model: str, *extra: str):

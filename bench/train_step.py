@@ -18,7 +18,6 @@ Needs the quick datasets (python collect.py experiment=quick [env=dark_key_to_do
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -28,15 +27,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra import compose, initialize_config_dir
 
-from dataset import HistoryLanes, build_dataset, load_histories  # noqa: E402
-from env import make_env_spec  # noqa: E402
-from model import build_model  # noqa: E402
-from model.tokens import token_dim  # noqa: E402
-from train import action_loss  # noqa: E402
-from utils.lanes import exact_memory  # noqa: E402
+from dataset import HistoryLanes, build_dataset, load_histories
+from env import make_env_spec
+from model import build_model
+from model.tokens import token_dim
+from train import action_loss
+from utils.lanes import exact_memory
 
 AD_MODEL = {"darkroom": "ad_dr", "dark_key_to_door": "ad_dktd"}
 COMPRESSED_MODEL = {"darkroom": "ad_compressed_dr", "dark_key_to_door": "ad_compressed_dktd"}

@@ -1,5 +1,12 @@
 """Grid tasks behind one interface (env/base.py): `ENVS` maps `env.name` to its spec class."""
-from env.base import ACTION_DELTAS, SPLITS, BatchedGridEnv, GridTaskEnv, GridTaskSpec, split_tasks
+from env.base import (
+    ACTION_DELTAS,
+    SPLITS,
+    BatchedGridEnv,
+    GridTaskEnv,
+    GridTaskSpec,
+    split_tasks,
+)
 from env.dark_key_to_door import BatchedDarkKeyToDoor, DarkKeyToDoor, DarkKeyToDoorSpec
 from env.darkroom import BatchedDarkroom, Darkroom, DarkroomSpec, optimal_return
 

@@ -13,7 +13,13 @@ from typing import ClassVar
 
 import numpy as np
 
-from env.base import BatchedGridEnv, GridTaskEnv, GridTaskSpec, episode_start_cells, manhattan
+from env.base import (
+    BatchedGridEnv,
+    GridTaskEnv,
+    GridTaskSpec,
+    episode_start_cells,
+    manhattan,
+)
 
 
 def optimal_return(key, door, start, horizon: int):

@@ -1,28 +1,29 @@
-"""Models: config in, tensors out. `MODELS` maps the config name (`model.model`) to the class."""
+"""Models: config in, tensors out. `MODELS` maps the config name (`model.model`) to the class and its typed config."""
 from __future__ import annotations
 
-from model.ad import AD
-from model.ad_compressed import CompressedAD, CompressionEncoder, check_sizes
+from dataclasses import fields
 
-MODELS = {"AD": AD, "CompressedAD": CompressedAD}
+from model.ad import AD, ADConfig
+from model.ad_compressed import CompressedAD, CompressedADConfig, CompressionEncoder
 
-# constructor arguments each model reads from its config group
-_ARCH_KEYS = {
-    "AD": ("tf_n_embd", "tf_n_layer", "tf_n_head", "tf_dropout", "n_transit"),
-    "CompressedAD": ("tf_n_embd", "tf_n_layer", "tf_n_head", "tf_dropout", "encoder_n_layer", "encoder_n_head", "n_latent",
-                     "decoder_max_seq_length", "max_compress_length", "max_uncompressed_length", "rollout_compress_length",
-                     "latent_write", "encoder_dropout"),
-}
+MODELS = {"AD": (AD, ADConfig), "CompressedAD": (CompressedAD, CompressedADConfig)}
 
 
-def build_model(model_cfg, n_states: int, n_actions: int):
+def model_config(model_cfg) -> ADConfig | CompressedADConfig:
+    """The typed architecture config of a model config group (its other keys, the training recipe, are left out):
+    validated on construction, so a config that cannot work is refused before anything is built or written."""
     name = model_cfg["model"]
     if name not in MODELS:
         raise ValueError(f"Unknown model '{name}'. Known models: {sorted(MODELS)} (set model.model or pick model=<file>).")
-    if name == "CompressedAD":
-        check_sizes(model_cfg)
-    kwargs = {k: model_cfg[k] for k in _ARCH_KEYS[name]}
-    return MODELS[name](n_states=n_states, n_actions=n_actions, **kwargs)
+    config_class = MODELS[name][1]
+    return config_class(**{f.name: model_cfg[f.name] for f in fields(config_class) if f.name in model_cfg})
+
+
+def build_model(model_cfg, n_states: int, n_actions: int):
+    """The model named by `model_cfg["model"]`, from a config group (dict / DictConfig) or a typed config."""
+    config = model_cfg if isinstance(model_cfg, (ADConfig, CompressedADConfig)) else model_config(model_cfg)
+    model_class = next(cls for cls, config_class in MODELS.values() if isinstance(config, config_class))
+    return model_class(config, n_states, n_actions)
 
 
 def rollout_memory_bytes(rollout) -> int:
@@ -32,4 +33,5 @@ def rollout_memory_bytes(rollout) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-__all__ = ["AD", "CompressedAD", "CompressionEncoder", "MODELS", "build_model", "check_sizes", "rollout_memory_bytes"]
+__all__ = ["AD", "ADConfig", "CompressedAD", "CompressedADConfig", "CompressionEncoder", "MODELS", "build_model",
+           "model_config", "rollout_memory_bytes"]

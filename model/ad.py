@@ -4,6 +4,8 @@ One token per time step (see `model/tokens.py`); the model predicts the action a
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
@@ -12,19 +14,37 @@ from model.tokens import token_dim, token_features
 from model.transformer import Transformer, init_weights
 
 
+@dataclass(frozen=True)
+class ADConfig:
+    """AD's architecture: the keys of config/model/ad_*.yaml that shape the network (the file's other keys are the
+    training recipe, read by train.py). Validated once, here; stored in every checkpoint."""
+    n_transit: int = 100      # context window in steps; the rollout keeps between n_transit/2 and n_transit
+    tf_n_embd: int = 64
+    tf_n_layer: int = 4
+    tf_n_head: int = 4
+    tf_dropout: float = 0.1
+
+    def __post_init__(self):
+        if self.n_transit < 2:
+            raise ValueError(f"AD config does not fit together: n_transit ({self.n_transit}) must be >= 2 (half is dropped)")
+        if self.tf_n_embd % self.tf_n_head:
+            raise ValueError(f"AD config does not fit together: tf_n_embd ({self.tf_n_embd}) must be divisible by "
+                             f"tf_n_head ({self.tf_n_head})")
+
+
 class AD(nn.Module):
-    def __init__(self, n_states: int, n_actions: int, tf_n_embd: int, tf_n_layer: int, tf_n_head: int,
-                 tf_dropout: float, n_transit: int):
+    def __init__(self, config: ADConfig, n_states: int, n_actions: int):
         super().__init__()
-        self.n_states, self.n_actions, self.n_transit = n_states, n_actions, n_transit
+        self.config = c = config
+        self.n_states, self.n_actions, self.n_transit = n_states, n_actions, c.n_transit
         # the rollout's context rule: when n_transit tokens are held, the oldest half is dropped
-        self.schedule = CompressionSchedule(window=n_transit, chunk=n_transit - n_transit // 2)
-        self.embed_context = nn.Linear(token_dim(n_states, n_actions), tf_n_embd)
-        self.embed_ln = nn.LayerNorm(tf_n_embd)
-        self.pos_emb = nn.Embedding(n_transit, tf_n_embd)
-        self.drop = nn.Dropout(tf_dropout)
-        self.transformer = Transformer(tf_n_embd, tf_n_layer, tf_n_head, tf_dropout)
-        self.action_head = nn.Linear(tf_n_embd, n_actions)
+        self.schedule = CompressionSchedule(window=c.n_transit, chunk=c.n_transit - c.n_transit // 2)
+        self.embed_context = nn.Linear(token_dim(n_states, n_actions), c.tf_n_embd)
+        self.embed_ln = nn.LayerNorm(c.tf_n_embd)
+        self.pos_emb = nn.Embedding(c.n_transit, c.tf_n_embd)
+        self.drop = nn.Dropout(c.tf_dropout)
+        self.transformer = Transformer(c.tf_n_embd, c.tf_n_layer, c.tf_n_head, c.tf_dropout)
+        self.action_head = nn.Linear(c.tf_n_embd, n_actions)
         self.apply(init_weights)
 
     def embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:

@@ -24,6 +24,7 @@ pre-training (pretrain_encoder.py) saves and that train.py loads.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -31,6 +32,51 @@ import torch.nn as nn
 from model.schedule import CompressionSchedule
 from model.tokens import token_dim, token_features
 from model.transformer import Transformer, init_weights
+
+
+@dataclass(frozen=True)
+class CompressedADConfig:
+    """CompressedAD's architecture: the keys of config/model/ad_compressed_*.yaml that shape the network (the file's
+    other keys are the training recipe, read by train.py). Validated once, here; stored in every checkpoint."""
+    n_latent: int = 60                  # latent tokens the whole compressed past is held in
+    max_uncompressed_length: int = 40   # the rollout's raw window W
+    rollout_compress_length: int = 36   # tokens compressed when the window is full (W - this survive raw)
+    max_compress_length: int = 40       # the longest chunk the encoder has positions for
+    decoder_max_seq_length: int | None = None  # None: n_latent + max_uncompressed_length, the most the rollout needs
+    tf_n_embd: int = 64
+    tf_n_layer: int = 4
+    tf_n_head: int = 4
+    tf_dropout: float = 0.1
+    encoder_n_layer: int = 3
+    encoder_n_head: int = 4
+    encoder_dropout: float = 0.0
+    latent_write: str = "replace"       # replace | gated
+
+    def __post_init__(self):
+        if self.decoder_max_seq_length is None:
+            object.__setattr__(self, "decoder_max_seq_length", self.n_latent + self.max_uncompressed_length)
+        errors = []
+        if self.n_latent < 1:
+            errors.append(f"n_latent ({self.n_latent}) must be >= 1")
+        if self.n_latent + self.max_uncompressed_length > self.decoder_max_seq_length:
+            errors.append(
+                f"n_latent ({self.n_latent}) + max_uncompressed_length ({self.max_uncompressed_length}) = "
+                f"{self.n_latent + self.max_uncompressed_length} exceeds decoder_max_seq_length ({self.decoder_max_seq_length}): "
+                f"the decoder has no room for the latents plus the recent context and query (null derives it)")
+        c, window = self.rollout_compress_length, self.max_uncompressed_length
+        if not 1 <= c <= self.max_compress_length:
+            errors.append(f"rollout_compress_length ({c}) must lie in [1, max_compress_length ({self.max_compress_length})], "
+                          f"the chunk lengths the encoder has positions for")
+        if not c <= window:
+            errors.append(f"rollout_compress_length ({c}) must be <= max_uncompressed_length ({window}): the window it is cut from")
+        for n_head_key in ("tf_n_head", "encoder_n_head"):
+            if self.tf_n_embd % getattr(self, n_head_key):
+                errors.append(f"tf_n_embd ({self.tf_n_embd}) must be divisible by {n_head_key} ({getattr(self, n_head_key)})")
+        if self.latent_write not in ("replace", "gated"):
+            errors.append(f"latent_write ({self.latent_write}) must be replace or gated")
+        if errors:
+            raise ValueError("CompressedAD config does not fit together:\n  - " + "\n  - ".join(errors))
+
 
 
 class CompressionEncoder(nn.Module):
@@ -59,6 +105,12 @@ class CompressionEncoder(nn.Module):
             nn.init.normal_(p, std=0.02)
         if self.gate is not None:
             nn.init.constant_(self.gate.bias, 2.0)  # sigmoid(2) = 0.88: keep most of the old memory at first
+
+    @classmethod
+    def from_config(cls, c: CompressedADConfig) -> "CompressionEncoder":
+        """The encoder CompressedAD and stage 1's EncoderPretrainModel share (one config, same shapes)."""
+        return cls(c.n_latent, c.tf_n_embd, c.encoder_n_layer, c.encoder_n_head, c.encoder_dropout, c.max_compress_length,
+                   c.latent_write)
 
     def empty_memory(self, batch_size: int) -> torch.Tensor:
         return self.initial_latents.expand(batch_size, -1, -1)
@@ -108,23 +160,20 @@ def without_dropout(*modules: nn.Module):
 
 
 class CompressedAD(nn.Module):
-    def __init__(self, n_states: int, n_actions: int, tf_n_embd: int, tf_n_layer: int, tf_n_head: int, tf_dropout: float,
-                 encoder_n_layer: int, encoder_n_head: int, n_latent: int, decoder_max_seq_length: int,
-                 max_compress_length: int, max_uncompressed_length: int, rollout_compress_length: int,
-                 latent_write: str = "replace", encoder_dropout: float = 0.0):
+    def __init__(self, config: CompressedADConfig, n_states: int, n_actions: int):
         super().__init__()
-        self.n_states, self.n_actions, self.n_latent = n_states, n_actions, n_latent
-        self.decoder_max_seq_length = decoder_max_seq_length
-        self.schedule = CompressionSchedule(window=max_uncompressed_length, chunk=rollout_compress_length)
-        self.embed_context = nn.Linear(token_dim(n_states, n_actions), tf_n_embd)
-        self.embed_ln = nn.LayerNorm(tf_n_embd)
-        self.encoder = CompressionEncoder(n_latent, tf_n_embd, encoder_n_layer, encoder_n_head, encoder_dropout,
-                                          max_compress_length, latent_write)
-        self.latent_pos = nn.Parameter(torch.zeros(n_latent, tf_n_embd))
-        self.token_pos = nn.Embedding(decoder_max_seq_length - n_latent, tf_n_embd)
-        self.drop = nn.Dropout(tf_dropout)
-        self.decoder = Transformer(tf_n_embd, tf_n_layer, tf_n_head, tf_dropout)
-        self.action_head = nn.Linear(tf_n_embd, n_actions)
+        self.config = c = config
+        self.n_states, self.n_actions, self.n_latent = n_states, n_actions, c.n_latent
+        self.decoder_max_seq_length = c.decoder_max_seq_length
+        self.schedule = CompressionSchedule(window=c.max_uncompressed_length, chunk=c.rollout_compress_length)
+        self.embed_context = nn.Linear(token_dim(n_states, n_actions), c.tf_n_embd)
+        self.embed_ln = nn.LayerNorm(c.tf_n_embd)
+        self.encoder = CompressionEncoder.from_config(c)
+        self.latent_pos = nn.Parameter(torch.zeros(c.n_latent, c.tf_n_embd))
+        self.token_pos = nn.Embedding(c.decoder_max_seq_length - c.n_latent, c.tf_n_embd)
+        self.drop = nn.Dropout(c.tf_dropout)
+        self.decoder = Transformer(c.tf_n_embd, c.tf_n_layer, c.tf_n_head, c.tf_dropout)
+        self.action_head = nn.Linear(c.tf_n_embd, n_actions)
         for name, module in self.named_children():
             if name != "encoder":  # the encoder initialises itself
                 module.apply(init_weights)
@@ -317,32 +366,3 @@ class CompressedADRollout:
 
     def stats(self) -> dict:
         return {"n_compressions": self.n_compressions, "peak_decoder_length": self.peak_decoder_length}
-
-
-def check_sizes(cfg) -> None:
-    """Refuse CompressedAD sizes that cannot work together, naming the values that clash."""
-    errors = []
-    if cfg['n_latent'] < 1:
-        errors.append(f"n_latent ({cfg['n_latent']}) must be >= 1")
-    if cfg['n_latent'] + cfg['max_uncompressed_length'] > cfg['decoder_max_seq_length']:
-        errors.append(
-            f"n_latent ({cfg['n_latent']}) + max_uncompressed_length ({cfg['max_uncompressed_length']}) = "
-            f"{cfg['n_latent'] + cfg['max_uncompressed_length']} exceeds decoder_max_seq_length ({cfg['decoder_max_seq_length']}): "
-            f"the decoder has no room for the latents plus the recent context and query"
-        )
-    c, window = cfg['rollout_compress_length'], cfg['max_uncompressed_length']
-    if not 1 <= c <= cfg['max_compress_length']:
-        errors.append(f"rollout_compress_length ({c}) must lie in [1, max_compress_length ({cfg['max_compress_length']})], "
-                      f"the chunk lengths the encoder has positions for")
-    if not c <= window:
-        errors.append(f"rollout_compress_length ({c}) must be <= max_uncompressed_length ({window}): the window it is cut from")
-    steps = cfg.get("segments_per_step")
-    if steps is not None and steps < 1:
-        errors.append(f"segments_per_step ({steps}) must be >= 1, or null (whole histories)")
-    if not 0 <= cfg.get("memory_restart", 0.0) <= 1:
-        errors.append(f"memory_restart ({cfg.get('memory_restart')}) must be a probability in [0, 1]")
-    for n_head_key in ("tf_n_head", "encoder_n_head"):
-        if cfg['tf_n_embd'] % cfg[n_head_key]:
-            errors.append(f"tf_n_embd ({cfg['tf_n_embd']}) must be divisible by {n_head_key} ({cfg[n_head_key]})")
-    if errors:
-        raise ValueError("CompressedAD config does not fit together:\n  - " + "\n  - ".join(errors))

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 PREV_STATE, PREV_ACTION, PREV_REWARD, PREV_NEXT_STATE, STATE, NEW_EPISODE = range(6)
 N_FIELDS = 6
+NO_TARGET = -100  # the target of a step the loss skips (noise steps, padding): F.cross_entropy's ignore_index
 
 
 def build_tokens(states, actions, rewards, next_states, horizon: int) -> np.ndarray:

@@ -14,13 +14,19 @@ against wall-clock seconds, so the recipes compare at equal targets and at equal
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a file: python scripts/<name>.py
-from scripts.runs import ROOT, eval_result, last10_over_seeds, mean_pm, run, scalars, write_table  # noqa: E402
+from scripts.runs import (
+    ROOT,
+    eval_result,
+    last10_over_seeds,
+    mean_pm,
+    run,
+    scalars,
+    write_table,
+)
 
 MODEL = {"darkroom": "ad_compressed_dr", "dark_key_to_door": "ad_compressed_dktd"}
 # slug -> (label, overrides); `whole` takes as many targets as `lanes`: 4 histories x ~1720 targets a step on Darkroom

@@ -14,13 +14,20 @@ curves-<split>.png. Every figure is the mean over seeds; last10 carries a 95% in
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a file: python scripts/<name>.py
-from scripts.runs import ROOT, eval_result, last10_over_seeds, mean_pm, median_never, run, scalars, write_table  # noqa: E402
+from scripts.runs import (
+    ROOT,
+    eval_result,
+    last10_over_seeds,
+    mean_pm,
+    median_never,
+    run,
+    scalars,
+    write_table,
+)
 
 # per env: run-name slug -> (label, train.py overrides). AD's window is drop-half: window n sees n/2..n tokens.
 VARIANTS = {

@@ -10,12 +10,17 @@ time of each stage) and curves.png (action loss and validation return against tr
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a file: python scripts/<name>.py
-from scripts.runs import ROOT, eval_result, first_step_below, last10_over_seeds, mean_pm, run, scalars, write_table
+from scripts.runs import (
+    ROOT,
+    eval_result,
+    first_step_below,
+    last10_over_seeds,
+    mean_pm,
+    run,
+    scalars,
+    write_table,
+)
 
 VARIANTS = {
     "scratch": ("from scratch", []),

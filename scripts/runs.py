@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from evaluate import bootstrap_ratio  # noqa: E402
+from evaluate import bootstrap_ratio
 
 
 def run(script: str, *overrides: str) -> float:

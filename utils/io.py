@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from utils.errors import CheckpointError
+
 
 def _atomic_write(path: Path, write_fn) -> None:
     path = Path(path)
@@ -40,10 +42,6 @@ def atomic_write_text(text: str, path) -> None:
 
 def atomic_write_json(obj, path) -> None:
     atomic_write_text(json.dumps(obj, indent=2) + "\n", path)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint path that cannot be used; the message says why and what to do."""
 
 
 def load_checkpoint(path, what: str = "checkpoint", required_keys=()) -> dict:

@@ -3,12 +3,15 @@ staleness against the current weights, and its place in the checkpoint."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from dataset import HistoryLanes
-from utils.run import UserConfigError
+from utils.errors import UserConfigError
+
+if TYPE_CHECKING:  # type names only: utils/ imports nothing above it
+    from dataset import HistoryLanes
 
 
 def exact_memory(raw_model, lanes: HistoryLanes, step: int, my_lanes: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from utils.errors import RunDirError, UserError
 from utils.io import atomic_write_text
-
-
-class RunDirError(RuntimeError):
-    """The run directory cannot be used as asked; the message offers the ways out."""
 
 
 def _has_outputs(run_dir: Path) -> bool:
@@ -123,22 +121,9 @@ def config_as_markdown(cfg: DictConfig) -> str:
 def exit_on_user_error(fn, cfg) -> None:
     """Run a script's main function; a bad input (missing file, clashing config, ...) ends the
     process with its message and exit code 1 instead of a stack trace. Bugs still raise."""
-    import sys
-
-    from dataset import DatasetError
-    from utils.io import CheckpointError
-
-    user_errors = (DatasetError, CheckpointError, RunDirError, UserConfigError, TrainingError)
     try:
         fn(cfg)
-    except user_errors as e:
+    except UserError as e:
         print(f"Error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
 
-
-class UserConfigError(ValueError):
-    """A config value that cannot work; the message names the value and the fix."""
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a NaN loss); the message says at which step and what is kept."""

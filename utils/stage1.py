@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from utils.io import CheckpointError, load_checkpoint
+from utils.errors import CheckpointError
+from utils.io import load_checkpoint
 
 STAGE1_PARTS = ("encoder", "embed_context", "embed_ln")
 STAGE1_KEYS = ("encoder_state_dict", "embed_context_state_dict", "embed_ln_state_dict", "global_step", "config")

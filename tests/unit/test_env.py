@@ -1,18 +1,50 @@
+"""Darkroom and Dark Key-to-Door: dynamics, optimal returns, task splits, the gym API (env/)."""
+from __future__ import annotations
+
 import itertools
 
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-from env import (ACTION_DELTAS, ENVS, BatchedDarkKeyToDoor, BatchedDarkroom, DarkKeyToDoor, Darkroom, make_env_spec,
-                 optimal_return, split_tasks)
+from env import (
+    ACTION_DELTAS,
+    ENVS,
+    BatchedDarkKeyToDoor,
+    BatchedDarkroom,
+    DarkKeyToDoor,
+    Darkroom,
+    make_env_spec,
+    optimal_return,
+    split_tasks,
+)
 from env.dark_key_to_door import optimal_return as key_door_optimal_return
-from tests.conftest import compose_cfg
+from tests.helpers import compose_cfg
 
 
-def moves(cell, grid_size):
-    for d in ACTION_DELTAS:
-        yield (min(max(cell[0] + d[0], 0), grid_size - 1), min(max(cell[1] + d[1], 0), grid_size - 1))
+def key_door_env(key, door, grid_size=5, horizon=12, seed=0):
+    return BatchedDarkKeyToDoor(np.array([[*key, *door]]), grid_size, horizon, seed)
+
+
+def best_key_door_return_by_bfs(key, door, start, grid_size, horizon):
+    """Exact optimum by dynamic programming over (cell, stage, steps left): no formula involved."""
+    cells = list(itertools.product(range(grid_size), repeat=2))
+    value = {(c, st): 0.0 for c in cells for st in range(3)}  # stage: 0 no key, 1 key, 2 door done
+    for _ in range(horizon):
+        new = {}
+        for c in cells:
+            for st in range(3):
+                best = 0.0
+                for n in moves(c, grid_size):
+                    r, nst = 0.0, st
+                    if st == 0 and n == key:
+                        r, nst = 1.0, 1
+                    elif st == 1 and n == door:
+                        r, nst = 1.0, 2
+                    best = max(best, r + value[(n, nst)])
+                new[(c, st)] = best
+        value = new
+    return value[(start, 0)]
 
 
 def best_return_by_planning(goal, grid_size, horizon):
@@ -23,6 +55,19 @@ def best_return_by_planning(goal, grid_size, horizon):
         value = {c: max(float(n == tuple(goal)) + value[n] for n in moves(c, grid_size)) for c in cells}
     centre = grid_size // 2
     return value[(centre, centre)]
+
+
+def walk(env, actions):
+    rewards = []
+    for a in actions:
+        _, r, _ = env.step(np.array([a]))
+        rewards.append(float(r[0]))
+    return rewards
+
+
+def moves(cell, grid_size):
+    for d in ACTION_DELTAS:
+        yield (min(max(cell[0] + d[0], 0), grid_size - 1), min(max(cell[1] + d[1], 0), grid_size - 1))
 
 
 @pytest.mark.parametrize("grid_size,horizon", [(9, 20), (5, 3), (7, 6)])
@@ -92,20 +137,6 @@ def test_bad_env_config_is_refused():
         make_env_spec(compose_cfg("collect", ["env.n_eval_tasks=9"]).env)
 
 
-# ---------------------------------------------------------------- Dark Key-to-Door
-
-def key_door_env(key, door, grid_size=5, horizon=12, seed=0):
-    return BatchedDarkKeyToDoor(np.array([[*key, *door]]), grid_size, horizon, seed)
-
-
-def walk(env, actions):
-    rewards = []
-    for a in actions:
-        _, r, _ = env.step(np.array([a]))
-        rewards.append(float(r[0]))
-    return rewards
-
-
 def test_key_door_rewards_key_then_door_each_once():
     env = key_door_env(key=(0, 1), door=(0, 3))
     env.reset()
@@ -139,27 +170,6 @@ def test_key_door_episode_resets_the_key_and_starts_are_random_but_reproducible(
     a.has_key[:] = True
     a.reset()
     assert not a.has_key.any() and not a.door_done.any()
-
-
-def best_key_door_return_by_bfs(key, door, start, grid_size, horizon):
-    """Exact optimum by dynamic programming over (cell, stage, steps left): no formula involved."""
-    cells = list(itertools.product(range(grid_size), repeat=2))
-    value = {(c, st): 0.0 for c in cells for st in range(3)}  # stage: 0 no key, 1 key, 2 door done
-    for _ in range(horizon):
-        new = {}
-        for c in cells:
-            for st in range(3):
-                best = 0.0
-                for n in moves(c, grid_size):
-                    r, nst = 0.0, st
-                    if st == 0 and n == key:
-                        r, nst = 1.0, 1
-                    elif st == 1 and n == door:
-                        r, nst = 1.0, 2
-                    best = max(best, r + value[(n, nst)])
-                new[(c, st)] = best
-        value = new
-    return value[(start, 0)]
 
 
 @pytest.mark.parametrize("grid_size,horizon", [(3, 2), (4, 4), (3, 5), (9, 50)])

@@ -1,3 +1,6 @@
+"""Stage-2 data (dataset.py): tokens, AD windows, CompressedAD's history lanes, hashing."""
+from __future__ import annotations
+
 import numpy as np
 import pytest
 import torch
@@ -6,17 +9,15 @@ from torch.utils.data import DataLoader, DistributedSampler
 from dataset import ADDataset, HistoryLanes, collate_batched, stream_tokens
 from model.schedule import CompressionSchedule
 from model.tokens import NEW_EPISODE, PREV_ACTION, STATE, TokenStream, build_tokens
+from tests.helpers import labelled_histories
 from utils.hashing import hashed_ints
 
 
-def labelled_histories(n_goals=3, n_streams=4, T=200, horizon=20):
-    """Histories whose states encode (stream id, time): state = stream_id * 1000 + t."""
-    G, S = n_goals, n_streams
-    stream_id = np.arange(G * S).reshape(G, S, 1)
-    t = np.arange(T).reshape(1, 1, T)
-    states = (stream_id * 1000 + t).astype(np.int64)
-    return {"states": states, "next_states": states + 1, "actions": (states % 5).astype(np.int8),
-            "rewards": np.zeros(states.shape, np.float32), "tasks": np.zeros((G, 2), np.int64), "horizon": horizon}
+def ad_target_density(ds, T: int) -> np.ndarray:
+    """How often each stream position is a target, over every sample of the dataset (stream 0 only)."""
+    batch = ds.__getitems__(np.arange(ds.n_starts))  # the samples of stream 0
+    t = batch["tokens"][..., STATE].long() % 1000
+    return np.bincount(t[batch["target_actions"] != -100].numpy(), minlength=T)
 
 
 def test_tokens_carry_previous_transition_current_state_and_episode_start():
@@ -58,13 +59,6 @@ def test_ad_windows_never_cross_streams_and_align_targets():
     # the token's previous action is the previous step's target
     both = valid[:, 1:]
     assert (batch["tokens"][:, 1:, PREV_ACTION].long()[both] == batch["target_actions"][:, :-1][both]).all()
-
-
-def ad_target_density(ds, T: int) -> np.ndarray:
-    """How often each stream position is a target, over every sample of the dataset (stream 0 only)."""
-    batch = ds.__getitems__(np.arange(ds.n_starts))  # the samples of stream 0
-    t = batch["tokens"][..., STATE].long() % 1000
-    return np.bincount(t[batch["target_actions"] != -100].numpy(), minlength=T)
 
 
 def test_ad_target_density_is_uniform_over_the_stream():

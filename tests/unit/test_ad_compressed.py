@@ -1,50 +1,45 @@
+"""CompressedAD (model/ad_compressed.py): masks, bounded rollouts, the teacher-forced view, lane training, memory tests."""
+from __future__ import annotations
+
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from model import AD, build_model, check_sizes, rollout_memory_bytes
 from dataset import HistoryLanes
-from model.ad_compressed import decoder_mask
-from model.schedule import CompressionSchedule
-from model.tokens import random_tokens as tokens_in_range
-from model.transformer import Transformer
-from tests.conftest import ROOT, random_histories
-
-N_STATES, N_ACTIONS = 81, 5
-
-
-def random_tokens(B, T, seed=0):
-    return tokens_in_range((B, T), N_STATES, N_ACTIONS, seed)
-
-
-def compressed_cfg(**over):
-    cfg = OmegaConf.load(ROOT / "config/model/ad_compressed_dr.yaml")
-    cfg.merge_with(OmegaConf.load(ROOT / "config/experiment_model/quick_ad_compressed_dr.yaml").model)
-    cfg.merge_with(dict(tf_n_layer=2, encoder_n_layer=1, **over))
-    return cfg
+from model import build_model, model_config, rollout_memory_bytes
+from tests.helpers import (
+    N_ACTIONS,
+    N_STATES,
+    compressed_cfg,
+    random_histories,
+    random_tokens,
+    rollout_trace,
+    stream_cfg,
+)
 
 
-def small_ad():
-    return AD(N_STATES, N_ACTIONS, tf_n_embd=32, tf_n_layer=2, tf_n_head=2, tf_dropout=0.0, n_transit=30).eval()
+def run_rollout(model, n_steps, use_cache, n_envs=3):
+    r = model.rollout(n_envs, use_cache=use_cache)
+    torch.manual_seed(0)
+    tokens = random_tokens(n_envs, n_steps, seed=7)
+    lengths, logits, r.memory = [], [], []
+    for t in range(n_steps):
+        logits.append(r.step(tokens[:, t]))
+        lengths.append(r.context_length)
+        r.memory.append(rollout_memory_bytes(r))
+    return r, torch.stack(logits, 1), lengths
 
 
-def test_ad_is_causal():
-    model = small_ad()
-    tokens = random_tokens(2, 30)
-    before = model({"tokens": tokens})
-    changed = tokens.clone()
-    changed[:, 20:] = random_tokens(2, 10, seed=1)
-    after = model({"tokens": changed})
-    assert torch.allclose(before[:, :20], after[:, :20], atol=1e-6)
-    assert not torch.allclose(before[:, 20:], after[:, 20:], atol=1e-3)
+def run_lanes(model, lanes, steps, lane_ids):
+    """Train-mode forwards over `steps`, the memory carried from step to step (train.py's loop without the update)."""
+    from utils.lanes import exact_memory
 
-
-def test_decoder_mask_pattern():
-    m = decoder_mask(3, 4)
-    assert m[:3, :3].all() and not m[:3, 3:].any()  # latents: bidirectional among latents, blind to tokens
-    assert m[3:, :3].all()  # every token sees all latents
-    assert torch.equal(m[3:, 3:], torch.ones(4, 4, dtype=torch.bool).tril())  # tokens causal
+    carried = exact_memory(model, lanes, steps[0], lane_ids, "cpu")
+    for step in steps:
+        batch = lanes.batch(step, lane_ids)
+        batch["memory"], batch["memory_empty"] = carried
+        logits, carried = model(batch)
+        yield step, batch, logits
 
 
 def test_compressed_ad_no_position_sees_a_later_token():
@@ -72,26 +67,6 @@ def test_padding_inside_a_chunk_is_ignored():
     assert torch.allclose(a, b, atol=1e-6)
 
 
-def run_rollout(model, n_steps, use_cache, n_envs=3):
-    r = model.rollout(n_envs, use_cache=use_cache)
-    torch.manual_seed(0)
-    tokens = random_tokens(n_envs, n_steps, seed=7)
-    lengths, logits, r.memory = [], [], []
-    for t in range(n_steps):
-        logits.append(r.step(tokens[:, t]))
-        lengths.append(r.context_length)
-        r.memory.append(rollout_memory_bytes(r))
-    return r, torch.stack(logits, 1), lengths
-
-
-def test_ad_cached_rollout_matches_uncached():
-    model = small_ad()
-    _, cached, lengths = run_rollout(model, 100, True)
-    _, plain, _ = run_rollout(model, 100, False)
-    assert torch.allclose(cached, plain, atol=1e-5)
-    assert max(lengths) == 30 and min(lengths[30:]) == 16
-
-
 def test_compressed_rollout_cached_matches_uncached_and_stays_bounded():
     cfg = compressed_cfg(tf_dropout=0.0)
     model = build_model(cfg, N_STATES, N_ACTIONS).eval()
@@ -105,7 +80,7 @@ def test_compressed_rollout_decoder_length_bounded_over_2000_steps():
     cfg = compressed_cfg(tf_dropout=0.0)
     model = build_model(cfg, N_STATES, N_ACTIONS).eval()
     r, _, lengths = run_rollout(model, 2000, True, n_envs=2)
-    assert max(lengths) <= cfg.decoder_max_seq_length and r.peak_decoder_length == max(lengths)
+    assert max(lengths) <= model.config.decoder_max_seq_length and r.peak_decoder_length == max(lengths)
     # the rollout compresses as often as the shared schedule says: every rollout_compress_length steps once the window is full
     assert r.n_compressions == model.schedule.segments(2000).n_compressions
     assert r.n_compressions >= (2000 - cfg.max_uncompressed_length) // cfg.rollout_compress_length
@@ -113,81 +88,42 @@ def test_compressed_rollout_decoder_length_bounded_over_2000_steps():
     assert max(r.memory[1900:]) == max(r.memory[100:200]) > 0  # memory (tokens, latents, KV cache) stays flat
 
 
-def test_state_dict_splits_into_the_three_stage1_parts():
-    model = build_model(compressed_cfg(), N_STATES, N_ACTIONS)
-    keys = model.state_dict().keys()
-    stage1 = {p for p in ("encoder.", "embed_context.", "embed_ln.") for k in keys if k.startswith(p)}
-    assert stage1 == {"encoder.", "embed_context.", "embed_ln."}
-    parts = {p: {k for k in keys if k.startswith(p)} for p in stage1}
-    assert sum(len(v) for v in parts.values()) == len({k for v in parts.values() for k in v})  # disjoint
-    assert set(model.encoder.state_dict()) == {k[len("encoder."):] for k in parts["encoder."]}
-    assert set(model.embed_context.state_dict()) == {"weight", "bias"}
+def test_the_three_stage1_parts_are_exactly_what_compression_reads():
+    """Stage 1 hands over encoder, embed_context and embed_ln: compression must depend on each and on nothing else,
+    or a pre-trained encoder would arrive without what it was trained with."""
+    torch.manual_seed(0)
+    model = build_model(compressed_cfg(tf_dropout=0.0), N_STATES, N_ACTIONS).eval()
+    chunk, previous = random_tokens(2, 36), torch.randn(2, 16, 64)
+    before = model.compress(previous, chunk)
+    stage1 = ("encoder.", "embed_context.", "embed_ln.")
+    with torch.no_grad():
+        others = [p for k, p in model.named_parameters() if not k.startswith(stage1)]
+        assert others  # the decoder, its head and its positions
+        for p in others:
+            p.add_(torch.randn_like(p))
+    assert torch.allclose(model.compress(previous, chunk), before, atol=1e-6)
+    for part in stage1:
+        changed = build_model(compressed_cfg(tf_dropout=0.0), N_STATES, N_ACTIONS).eval()
+        changed.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            for k, p in changed.named_parameters():
+                if k.startswith(part):
+                    p.add_(0.5 * torch.randn_like(p))
+        assert not torch.allclose(changed.compress(previous, chunk), before, atol=1e-3), part
 
 
-def test_sizes_that_clash_are_named():
+def test_sizes_that_clash_are_named_and_the_decoder_length_is_derived():
+    assert model_config(compressed_cfg()).decoder_max_seq_length == 16 + 40  # null: n_latent + window
+    assert build_model(compressed_cfg(), N_STATES, N_ACTIONS).token_pos.num_embeddings == 40
     with pytest.raises(ValueError, match=r"n_latent \(50\) \+ max_uncompressed_length \(40\) = 90 exceeds decoder_max_seq_length \(56\)"):
-        check_sizes(compressed_cfg(n_latent=50))
+        model_config(compressed_cfg(n_latent=50, decoder_max_seq_length=56))
     with pytest.raises(ValueError, match="rollout_compress_length"):
-        check_sizes(compressed_cfg(rollout_compress_length=41))
-    with pytest.raises(ValueError, match=r"segments_per_step \(0\) must be >= 1"):
-        check_sizes(compressed_cfg(segments_per_step=0))
-    with pytest.raises(ValueError, match=r"memory_restart \(1.5\)"):
-        check_sizes(compressed_cfg(memory_restart=1.5))
-    check_sizes(compressed_cfg(rollout_compress_length=40))  # a compression may keep no raw token
+        model_config(compressed_cfg(rollout_compress_length=41))
+    with pytest.raises(ValueError, match=r"tf_n_embd \(64\) must be divisible by encoder_n_head \(3\)"):
+        model_config(compressed_cfg(encoder_n_head=3))
+    model_config(compressed_cfg(rollout_compress_length=40))  # a compression may keep no raw token
     with pytest.raises(ValueError, match="Unknown model"):
         build_model({"model": "GPT"}, N_STATES, N_ACTIONS)
-
-
-# ---------------------------------------------------------------- the compression schedule, teacher-forced
-
-@pytest.mark.parametrize("window,chunk", [(40, 20), (40, 36), (40, 40), (7, 3)])
-def test_schedule_segments_follow_the_rollout_rule(window, chunk):
-    schedule = CompressionSchedule(window=window, chunk=chunk)
-    T = 157
-    seg = schedule.segments(T)
-    # every token is the target of exactly one segment, in order
-    assert seg.first_target[0] == 0 and (seg.end[:-1] == seg.first_target[1:]).all() and seg.end[-1] == T
-    assert (seg.segment_of(np.arange(T)) == np.repeat(np.arange(len(seg.end)), seg.end - seg.first_target)).all()
-    # chunk k is the k-th block of `chunk` tokens; the window after it starts where it ends
-    assert (seg.chunk_start == chunk * np.arange(seg.n_compressions)).all()
-    assert (seg.window_start[1:] == seg.chunk_start + chunk).all()
-    assert (seg.end - seg.window_start).max() <= window  # the decoder never sees more than the window
-    assert ((seg.first_target[1:] - seg.window_start[1:]) == window - chunk).all()  # what survives a compression
-    # a token-by-token simulation of the rollout agrees
-    n_recent, compressions = 0, []
-    for t in range(T):
-        if schedule.compress_now(n_recent):
-            compressions.append(t)
-            n_recent -= chunk
-        n_recent += 1
-    assert compressions == seg.first_target[1:].tolist()
-
-
-def stream_cfg(**over):
-    return compressed_cfg(**{"tf_dropout": 0.0, "rollout_compress_length": 36, **over})
-
-
-def rollout_trace(model, tokens, **memory):
-    """Per-step logits of a rollout over `tokens`, and its latents right after every compression."""
-    r = model.rollout(len(tokens), use_cache=True, **memory)
-    logits, latents = [], []
-    for t in range(tokens.shape[1]):
-        n = r.n_compressions
-        logits.append(r.step(tokens[:, t]))
-        if r.n_compressions > n:
-            latents.append(r.latents.clone())
-    return torch.stack(logits, 1), latents
-
-
-def test_out_rows_computes_exactly_the_rows_asked_for():
-    torch.manual_seed(0)
-    net = Transformer(32, 2, 4, 0.0)
-    x, mask = torch.randn(3, 20, 32), decoder_mask(5, 15)
-    full, cache = net(x, mask, use_cache=True)
-    for rows in (slice(0, 5), slice(5, None)):
-        part, part_cache = net(x, mask, use_cache=True, out_rows=rows)
-        assert torch.allclose(part, full[:, rows], atol=1e-6)
-        assert all(torch.allclose(a, b) for kv, pkv in zip(cache, part_cache) for a, b in zip(kv, pkv))  # the cache stays whole
 
 
 @pytest.mark.parametrize("memory", [{}, {"memory": "clear"}, {"memory": "truncate", "memory_chunks": 1},
@@ -204,18 +140,6 @@ def test_teacher_forced_view_equals_the_rollout_latents_and_logits(memory):
         assert torch.allclose(latents[:, k], lat, atol=1e-5)
         if not memory:  # the slow reference for what training carries: L_k from the history's start
             assert torch.allclose(model.memory_at(tokens, torch.full((3,), k)), lat, atol=1e-5)
-
-
-def run_lanes(model, lanes, steps, lane_ids):
-    """Train-mode forwards over `steps`, the memory carried from step to step (train.py's loop without the update)."""
-    from utils.lanes import exact_memory
-
-    carried = exact_memory(model, lanes, steps[0], lane_ids, "cpu")
-    for step in steps:
-        batch = lanes.batch(step, lane_ids)
-        batch["memory"], batch["memory_empty"] = carried
-        logits, carried = model(batch)
-        yield step, batch, logits
 
 
 @pytest.mark.parametrize("segments_per_step", [1, 3, None])

@@ -1,5 +1,6 @@
-"""Faults and bad input: resume after SIGKILL, atomic writes, malicious checkpoints, clear errors."""
-import os
+"""Faults, end to end: resume after SIGKILL (1 and 2 processes), atomic writes, refused resumes and configs."""
+from __future__ import annotations
+
 import signal
 import subprocess
 import sys
@@ -9,16 +10,19 @@ import numpy as np
 import pytest
 import torch
 
+from dataset import HistoryLanes, histories_dir
 from model.schedule import CompressionSchedule
 from scripts.runs import scalars
-from tests.conftest import ROOT, TINY_TRAIN, run_script
-from utils.io import CheckpointError, atomic_torch_save, load_checkpoint
+from tests.helpers import ROOT, TINY_TRAIN, run_script
+from utils.errors import UserConfigError
+from utils.io import atomic_torch_save, load_checkpoint
 
-RESUMABLE = ["model.train_timesteps=40", "save_interval=10", "log_interval=5", "model.tf_dropout=0.1"]
+pytestmark = pytest.mark.slow  # subprocess runs of the repo's scripts
 
 
-def train_args(tiny_data, runs, name, model="ad_dr"):
-    return [*tiny_data, f"run_root={runs}", *TINY_TRAIN[model], *RESUMABLE, f"run_name={name}"]
+PRETRAIN = ["model.pretrain_steps=40", "model.pretrain_save_interval=10", "log_interval=5", "eval_interval=0",
+            "model.pretrain_batch_size=4", "model.encoder_n_layer=1", "model.pretrain_decoder_n_layer=1", "val_batches=1",
+            "model.pretrain_val_streams=1"]
 
 
 def kill_after(args, marker, timeout=240):
@@ -32,6 +36,13 @@ def kill_after(args, marker, timeout=240):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return killed
+
+
+def train_args(tiny_data, runs, name, model="ad_dr"):
+    return [*tiny_data, f"run_root={runs}", *TINY_TRAIN[model], *RESUMABLE, f"run_name={name}"]
+
+
+RESUMABLE = ["model.train_timesteps=40", "save_interval=10", "log_interval=5", "model.tf_dropout=0.1"]
 
 
 @pytest.mark.parametrize("model", ["ad_dr", "ad_compressed_dr"])
@@ -76,11 +87,9 @@ def test_resume_needs_a_run_and_the_same_model_data_and_seed(tiny_data, tmp_path
 
 def test_compressed_ad_resume_refuses_another_lane_layout(tiny_data, tmp_path):
     """Lane count, segments per step and recipe are part of the run: a resume that changes them is refused."""
-    from dataset import HistoryLanes
-    from tests.conftest import random_histories
+    from tests.helpers import random_histories
     from utils.lanes import lane_layout, restore_lanes
-    from utils.run import UserConfigError
-
+    
     runs = tmp_path / "runs"
     run_script("train.py", *train_args(tiny_data, runs, "c", "ad_compressed_dr"))
     for override in ("model.train_batch_size=8", "model.segments_per_step=1", "model.memory_restart=0.5"):
@@ -99,10 +108,10 @@ def test_compressed_ad_resume_refuses_another_lane_layout(tiny_data, tmp_path):
 def test_kill_during_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path):
     path = tmp_path / "checkpoint-step1.pt"
     atomic_torch_save({"w": torch.zeros(3)}, path)
-    code = ("import sys, torch; sys.path.insert(0, sys.argv[2]); from utils.io import atomic_torch_save\n"
+    code = ("import sys, torch; from utils.io import atomic_torch_save\n"
             "for i in range(10000): atomic_torch_save({'w': torch.full((2_000_000,), float(i))}, sys.argv[1])")
     for delay in (0.3, 0.55, 0.8):
-        proc = subprocess.Popen([sys.executable, "-c", code, str(path), str(ROOT)])
+        proc = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=ROOT)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -111,36 +120,8 @@ def test_kill_during_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["checkpoint-step1.pt"]
 
 
-class Payload:
-    def __reduce__(self):
-        return (os.system, ("echo pwned > /tmp/compressed_ad_pwned",))
-
-
-def test_malicious_checkpoint_is_refused(tmp_path):
-    path = tmp_path / "evil.pt"
-    torch.save({"model_state_dict": {}, "config": Payload()}, path)
-    with pytest.raises(CheckpointError, match="refused by torch.load"):
-        load_checkpoint(path)
-    out = run_script("evaluate.py", f"checkpoint={path}", check=False)
-    assert out.returncode == 1 and "refused" in out.stderr
-    assert not os.path.exists("/tmp/compressed_ad_pwned")
-
-
-def test_truncated_and_foreign_checkpoints_give_clear_errors(tmp_path):
-    good = tmp_path / "good.pt"
-    torch.save({"model_state_dict": {}, "config": {}}, good)
-    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:100])
-    (tmp_path / "text.pt").write_text("hello")
-    for name in ("cut.pt", "text.pt"):
-        out = run_script("evaluate.py", f"checkpoint={tmp_path / name}", check=False)
-        assert out.returncode == 1 and "not a readable PyTorch checkpoint" in out.stderr and "Traceback" not in out.stderr
-    torch.save({"weights": 1}, tmp_path / "other.pt")
-    out = run_script("evaluate.py", f"checkpoint={tmp_path / 'other.pt'}", check=False)
-    assert out.returncode == 1 and "lacks the keys" in out.stderr
-
-
 @pytest.mark.parametrize("overrides,message", [
-    (["model=ad_compressed_dr", "model.n_latent=50"], "exceeds decoder_max_seq_length"),
+    (["model=ad_compressed_dr", "model.n_latent=50", "model.decoder_max_seq_length=56"], "exceeds decoder_max_seq_length"),
     (["model=ad_compressed_dr", "model.segments_per_step=0"], "segments_per_step (0) must be >= 1"),
     (["model=ad_compressed_dr", "model.train_batch_size=0"], "train_batch_size=0 must be a positive multiple"),
     (["model=ad_compressed_dr", "model.rollout_compress_length=41"], "rollout_compress_length (41) must be <="),
@@ -155,8 +136,7 @@ def test_truncated_and_foreign_checkpoints_give_clear_errors(tmp_path):
 ])
 def test_bad_config_values_are_refused_before_anything_is_written(tiny_data, tmp_path, overrides, message):
     runs = tmp_path / "runs"
-    from dataset import histories_dir
-    from tests.conftest import compose_cfg
+    from tests.helpers import compose_cfg
 
     path = histories_dir(compose_cfg("collect", tiny_data))
     args = [*tiny_data, f"run_root={runs}", *overrides]
@@ -166,11 +146,6 @@ def test_bad_config_values_are_refused_before_anything_is_written(tiny_data, tmp
     assert out.returncode == 1, out.stderr[-2000:]
     assert message in out.stderr and "Traceback" not in out.stderr
     assert not runs.exists() or not any(runs.rglob("*.pt"))
-
-
-PRETRAIN = ["model.pretrain_steps=40", "model.pretrain_save_interval=10", "log_interval=5", "eval_interval=0",
-            "model.pretrain_batch_size=4", "model.encoder_n_layer=1", "model.pretrain_decoder_n_layer=1", "val_batches=1",
-            "model.pretrain_val_streams=1"]
 
 
 def test_pretrain_sigkill_then_resume_equals_uninterrupted(tiny_data, tmp_path):

@@ -1,21 +1,16 @@
-import json
-import shutil
+"""The source algorithm (algorithm/q_learning.py): it learns, and its noise is flagged and random."""
+from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from algorithm.q_learning import greedy_random_tiebreak, run_q_learning
-from collect import collect
-from dataset import DatasetError, histories_dir, load_histories
-from env import make_env_spec
-from tests.conftest import TINY, compose_cfg
+from env import (
+    make_env_spec,
+)
+from tests.helpers import compose_cfg, darkroom
 
 SOURCE = dict(n_episodes=40, gamma=0.9, alpha=1.0, q_init=6.0, epsilon_start=0.1, epsilon_end=0.0,
               epsilon_decay_episodes=40, n_replay_sweeps=3)
-
-
-def darkroom():
-    return make_env_spec(compose_cfg("collect", []).env)
 
 
 def test_source_learning_curve_rises():
@@ -87,46 +82,3 @@ def test_tiebreak_is_uniform_among_maxima():
     picks = greedy_random_tiebreak(q, np.random.default_rng(0))
     counts = np.bincount(picks, minlength=5)
     assert counts[0] == counts[3] == 0 and counts[[1, 2, 4]].min() > 900
-
-
-def test_collect_saves_skips_and_detects_bad_data(tmp_path, capsys):
-    cfg = compose_cfg("collect", TINY + [f"data_root={tmp_path}"])
-    path = histories_dir(cfg)
-    collect(cfg)
-    meta = json.loads((path / "metadata.json").read_text())
-    assert meta["config"]["env"]["grid_size"] == 9 and len(meta["learning_curve"]["train"]) == 10
-    train = load_histories(cfg, "train")
-    assert train["states"].shape == (65, 2, 200) and train["tasks"].shape == (65, 2) and train["horizon"] == 20
-    assert load_histories(cfg, "test")["states"].shape == (8, 2, 200)
-    assert (load_histories(cfg, "val")["tasks"] == make_env_spec(cfg.env).tasks("val")).all()
-
-    stamp = (path / "train.npz").stat().st_mtime_ns
-    collect(cfg)
-    assert "skipping collection" in capsys.readouterr().out
-    assert (path / "train.npz").stat().st_mtime_ns == stamp
-
-    # a different algorithm config gets a different directory
-    other = compose_cfg("collect", TINY + [f"data_root={tmp_path}", "algorithm.q_init=5.0"])
-    assert histories_dir(other) != path
-
-    # an interrupted collection (no metadata.json) is never used
-    broken = tmp_path / "broken"
-    shutil.copytree(path, broken)
-    (broken / "metadata.json").unlink()
-    with pytest.raises(DatasetError, match="(?s)incomplete.*python collect.py"):
-        load_histories(compose_cfg("collect", TINY + [f"dataset_path={broken}"]), "train")
-
-    # a dataset made for another env config is refused with the differing keys
-    with pytest.raises(DatasetError, match="(?s)another env config.*horizon"):
-        load_histories(compose_cfg("collect", TINY + [f"dataset_path={path}", "env.horizon=10"]), "train")
-
-    # a truncated file is detected
-    (path / "test.npz").write_bytes((path / "test.npz").read_bytes()[:1000])
-    with pytest.raises(DatasetError, match="truncated"):
-        load_histories(cfg, "test")
-
-
-def test_missing_dataset_names_the_command(tmp_path):
-    cfg = compose_cfg("collect", TINY + [f"data_root={tmp_path}"])
-    with pytest.raises(DatasetError, match="does not exist. Make it with:\n    python collect.py"):
-        load_histories(cfg, "train")

@@ -1,4 +1,6 @@
-"""End-to-end runs of the real scripts at tiny sizes, as a user runs them."""
+"""The real scripts end to end at tiny sizes: collect -> pretrain -> train -> evaluate, wrappers, 2 processes."""
+from __future__ import annotations
+
 import json
 import os
 import re
@@ -9,7 +11,18 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import ROOT, TINY, TINY_TRAIN, run_script
+from dataset import (
+    histories_dir,
+)
+from model import build_model
+from tests.helpers import (
+    ROOT,
+    TINY,
+    TINY_TRAIN,
+    run_script,
+)
+
+pytestmark = pytest.mark.slow  # subprocess runs of the repo's scripts
 
 
 def events(run_dir):
@@ -39,6 +52,9 @@ def test_collect_train_evaluate_end_to_end(tiny_data, tmp_path, model):
     if model.startswith("ad_compressed_dr"):
         assert {"eval/n_compressions", "val/memory_value/chunks1", "val/memory_value/all", "train/memory_staleness"} <= tags
         assert ckpt["lanes"]["memory"].shape == (4, 16, 64) and ckpt["lanes"]["n_lanes"] == 4
+        assert ckpt["model_config"]["decoder_max_seq_length"] == 16 + 40  # derived, stored
+    assert build_model(ckpt["config"]["model"], 81, 5).config == type(build_model(ckpt["config"]["model"], 81, 5).config)(
+        **ckpt["model_config"])  # the stored typed config is the one the config group gives
     assert "config" in "".join(acc.Tags()["tensors"])  # hyperparameters as text
     # train.py's final evaluations: validation for choices, test reported
     for split in ("val", "test"):
@@ -87,8 +103,7 @@ def test_key_to_door_collect_train_evaluate_end_to_end(tmp_path):
         assert len(result["tasks"]) == 3 and len(result["tasks"][0]) == 4 and result["env"] == "dark_key_to_door"
         assert result["mean_optimal_return"] == 2.0 and 0 <= result["door_rate"] <= result["key_rate"] <= 1
     # a Darkroom run pointed at the Key-to-Door dataset is refused, naming the env
-    from dataset import histories_dir
-    from tests.conftest import compose_cfg
+    from tests.helpers import compose_cfg
 
     dktd_data = histories_dir(compose_cfg("collect", [*data, *tiny]))
     out = run_script("train.py", *data, *TINY, *TINY_TRAIN["ad_dr"], f"dataset_path={dktd_data}", "run_name=x", check=False)
@@ -169,3 +184,13 @@ def test_two_stage_wrapper_end_to_end(tiny_data, tmp_path):
         assert torch.equal(ckpt["model_state_dict"][f"encoder.{k}"], v)
     assert (runs / "compressed-ad-darkroom-seed0" / "eval" / "test.json").is_file()
     assert "fraction of optimal" in proc.stdout
+
+
+def test_failing_stage_stops_the_chain_with_its_exit_code(tmp_path):
+    # no dataset and a dataset_path that cannot be written: collect fails, nothing after it runs
+    bad = tmp_path / "file"
+    bad.write_text("not a directory")
+    proc = subprocess.run(["bash", str(ROOT / "train_two_stage.sh"), "experiment=quick", f"dataset_path={bad}/x"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "pretrain_encoder.py" not in proc.stdout and "Stage failed with exit code" in proc.stderr

@@ -1,18 +1,25 @@
-"""The evaluation's metrics on hand-made returns, and the rollout's memory interventions."""
+"""The evaluation's metrics on hand-made returns, and the rollout's memory interventions (evaluate.py)."""
+from __future__ import annotations
+
 import numpy as np
 import pytest
 import torch
 
-from env import make_env_spec
-from evaluate import (bootstrap_ratio, episodes_to_fraction, held_out_loss, miss_rate_after_first_success, result_name,
-                      run_in_context, summarize)
+from env import (
+    make_env_spec,
+)
+from evaluate import (
+    bootstrap_ratio,
+    episodes_to_fraction,
+    held_out_loss,
+    miss_rate_after_first_success,
+    result_name,
+    run_in_context,
+    summarize,
+)
 from model import build_model
-from tests.conftest import compose_cfg
-from tests.test_model import N_ACTIONS, N_STATES, stream_cfg
-
-
-def darkroom():
-    return make_env_spec(compose_cfg("collect", []).env)
+from tests.helpers import N_ACTIONS, N_STATES, compose_cfg, darkroom, stream_cfg
+from utils.errors import UserConfigError
 
 
 def test_miss_rate_counts_only_episodes_after_the_first_success():
@@ -90,15 +97,14 @@ def test_memory_interventions_in_the_evaluation_keep_starts_and_draws():
         assert np.array_equal(r[..., :first], runs["normal"][..., :first]), m
     again = run_in_context(model, spec, tasks, 8, 2, seed=0)["returns"]
     assert np.array_equal(again, runs["normal"])
-    from utils.run import UserConfigError
-
+    
     ad = build_model(compose_cfg("train", ["model=ad_dr"]).model, N_STATES, N_ACTIONS)
     with pytest.raises(UserConfigError, match="has none"):
         run_in_context(ad, spec, tasks, 2, 1, seed=0, memory="clear")
 
 
 def test_held_out_loss_is_scored_at_fixed_positions_with_a_memory_value_curve():
-    from tests.test_dataset import labelled_histories
+    from tests.helpers import labelled_histories
 
     h = labelled_histories(n_goals=2, n_streams=3, T=240)
     for k in ("states", "next_states"):

@@ -1,7 +1,13 @@
-"""The benchmark scripts run (tiny sizes): a GPU session must not be spent on a script that crashes."""
+"""The benchmark scripts run (smoke sizes)."""
+from __future__ import annotations
+
 import sys
 
-from tests.conftest import run_script
+import pytest
+
+from tests.helpers import run_script
+
+pytestmark = pytest.mark.slow  # subprocess runs of the repo's scripts
 
 
 def test_gpu_throughput_script_says_there_is_no_gpu_and_runs_its_smoke_size():

@@ -1,0 +1,65 @@
+"""Stage 1's objective and metric (pretrain_encoder.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dataset_pretrain import ADCompressedPretrainDataset, collate_pretrain_batch
+from pretrain_encoder import (
+    EncoderPretrainModel,
+    centred_correlation,
+    pretrain_loss,
+    validate,
+)
+from tests.helpers import N_ACTIONS, N_STATES, compose_cfg, random_histories
+
+
+def pretrain_cfg(**over):
+    cfg = compose_cfg("pretrain_encoder", ["experiment=quick", "model.encoder_n_layer=1", "model.pretrain_decoder_n_layer=1"])
+    cfg.model.merge_with(over)
+    return cfg.model
+
+
+def test_objective_has_detached_targets_and_collapse_scores_zero():
+    mcfg = pretrain_cfg(tf_dropout=0.0)
+    model = EncoderPretrainModel(N_STATES, N_ACTIONS, mcfg)
+    ds = ADCompressedPretrainDataset(random_histories(n_goals=4, n_streams=4), mcfg, "train", 1)
+    batch = collate_pretrain_batch(ds.__getitems__(np.arange(16) * 31))
+    stages = model(batch)
+    assert len(stages) == int(batch["depth"].max())
+    assert all(not s["target_chunk"].requires_grad for s in stages)
+    assert all(s["target_prev"] is None or not s["target_prev"].requires_grad for s in stages)
+    loss, logs = pretrain_loss(stages, 1.0, 1.0)
+    assert {"mse_chunk", "mse_latents", "ce_state", "ce_action", "bce_reward"} <= set(logs) and torch.isfinite(loss)
+
+    # a collapsed encoder (constant latents whatever the input) scores ~0 correlation
+    class Constant(torch.nn.Module):
+        def __init__(self, enc):
+            super().__init__()
+            self.enc = enc
+
+        def forward(self, latents, chunk, valid=None):
+            return self.enc.initial_latents.expand(chunk.shape[0], -1, -1) * 1.0
+
+        def __getattr__(self, name):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.enc, name)
+
+    model.encoder = Constant(model.encoder)
+    metrics = validate(model, [batch])
+    assert abs(metrics["correlation"]) < 1e-4 and abs(metrics["correlation_chunks"]) < 1e-4
+
+
+def test_centred_correlation():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(64, 5, 8, generator=g)
+    valid = torch.ones(64, 5, dtype=torch.bool)
+    corr = lambda p: (lambda c, pp, tt: c / (pp * tt) ** 0.5)(*centred_correlation(p, t, valid))
+    assert corr(t) == pytest.approx(1.0)
+    assert corr(2 * t + 3) == pytest.approx(1.0)
+    assert corr(-t) == pytest.approx(-1.0)
+    assert abs(corr(torch.randn(64, 5, 8, generator=g))) < 0.1
+    assert centred_correlation(t.mean(0, keepdim=True).expand_as(t), t, valid)[1] == pytest.approx(0.0, abs=1e-8)
