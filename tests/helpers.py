@@ -104,3 +104,19 @@ def rollout_trace(model, tokens, **memory):
         if r.n_compressions > n:
             latents.append(r.latents.clone())
     return torch.stack(logits, 1), latents
+
+
+def run_rollout(model, n_steps, use_cache, n_envs=3):
+    """Step a rollout over random tokens; returns it, its logits [n_envs, n_steps, A] and its context length per step
+    (the rollout's in-context bytes per step are kept on it as `r.memory`)."""
+    from model import rollout_memory_bytes
+
+    r = model.rollout(n_envs, use_cache=use_cache)
+    torch.manual_seed(0)
+    tokens = random_tokens(n_envs, n_steps, seed=7)
+    lengths, logits, r.memory = [], [], []
+    for t in range(n_steps):
+        logits.append(r.step(tokens[:, t]))
+        lengths.append(r.context_length)
+        r.memory.append(rollout_memory_bytes(r))
+    return r, torch.stack(logits, 1), lengths

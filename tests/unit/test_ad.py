@@ -3,24 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from model import AD, ADConfig, rollout_memory_bytes
-from tests.helpers import N_ACTIONS, N_STATES, random_tokens
+from model import AD, ADConfig
+from tests.helpers import N_ACTIONS, N_STATES, random_tokens, run_rollout
 
 
 def small_ad():
     return AD(ADConfig(tf_n_embd=32, tf_n_layer=2, tf_n_head=2, tf_dropout=0.0, n_transit=30), N_STATES, N_ACTIONS).eval()
-
-
-def run_rollout(model, n_steps, use_cache, n_envs=3):
-    r = model.rollout(n_envs, use_cache=use_cache)
-    torch.manual_seed(0)
-    tokens = random_tokens(n_envs, n_steps, seed=7)
-    lengths, logits, r.memory = [], [], []
-    for t in range(n_steps):
-        logits.append(r.step(tokens[:, t]))
-        lengths.append(r.context_length)
-        r.memory.append(rollout_memory_bytes(r))
-    return r, torch.stack(logits, 1), lengths
 
 
 def test_ad_is_causal():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dataset import HistoryLanes
-from model import build_model, model_config, rollout_memory_bytes
+from model import build_model, model_config
 from tests.helpers import (
     N_ACTIONS,
     N_STATES,
@@ -14,20 +14,9 @@ from tests.helpers import (
     random_histories,
     random_tokens,
     rollout_trace,
+    run_rollout,
     stream_cfg,
 )
-
-
-def run_rollout(model, n_steps, use_cache, n_envs=3):
-    r = model.rollout(n_envs, use_cache=use_cache)
-    torch.manual_seed(0)
-    tokens = random_tokens(n_envs, n_steps, seed=7)
-    lengths, logits, r.memory = [], [], []
-    for t in range(n_steps):
-        logits.append(r.step(tokens[:, t]))
-        lengths.append(r.context_length)
-        r.memory.append(rollout_memory_bytes(r))
-    return r, torch.stack(logits, 1), lengths
 
 
 def run_lanes(model, lanes, steps, lane_ids):
