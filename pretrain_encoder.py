@@ -13,20 +13,16 @@ embeddings, which would make (a) trivial. Writes `encoder-pretrained-step<N>.pt`
 """
 from __future__ import annotations
 
-import sys
 import time
-from itertools import count
 
 import hydra
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
-from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from dataset import load_histories
@@ -43,11 +39,19 @@ from model.tokens import (
     token_features,
 )
 from model.transformer import Transformer, init_weights
-from utils.errors import RunDirError, TrainingError, UserConfigError
+from utils.errors import RunDirError, UserConfigError
 from utils.io import atomic_torch_save, load_checkpoint
+from utils.loop import (
+    MeanLogs,
+    cosine_scheduler,
+    epoch_batches,
+    load_train_state,
+    make_accelerator,
+    open_writer,
+    optimizer_step,
+    progress_bar,
+)
 from utils.run import (
-    config_as_markdown,
-    cosine_schedule,
     exit_on_user_error,
     make_optimizer,
     newest_checkpoint,
@@ -246,7 +250,7 @@ def save_stage1(run_dir, name: str, accelerator, model, optimizer, scheduler, st
 
 
 def pretrain_encoder(cfg: DictConfig) -> dict:
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+    accelerator = make_accelerator(cfg.mixed_precision)
     mcfg, world = cfg.model, accelerator.num_processes
     try:
         spec = make_env_spec(cfg.env)
@@ -265,8 +269,7 @@ def pretrain_encoder(cfg: DictConfig) -> dict:
     set_seed(cfg.seed)
     model = EncoderPretrainModel(spec.n_states, spec.n_actions, mcfg)
     optimizer = make_optimizer(model, mcfg.pretrain_lr, mcfg.weight_decay, mcfg.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_schedule(s, mcfg.pretrain_warmup_steps, mcfg.pretrain_steps, mcfg.min_lr_ratio))
+    scheduler = cosine_scheduler(optimizer, mcfg.pretrain_warmup_steps, mcfg.pretrain_steps, mcfg.min_lr_ratio)
     generator = torch.Generator()  # reseeded every epoch: the data order is a function of (seed, epoch)
     loader = DataLoader(train_set, batch_size=mcfg.pretrain_batch_size // world, shuffle=True, drop_last=True,
                         collate_fn=collate_pretrain_batch, generator=generator)
@@ -276,10 +279,7 @@ def pretrain_encoder(cfg: DictConfig) -> dict:
         if path is None:
             raise RunDirError(f"resume=true but '{run_dir}' holds no training state yet. Start afresh with overwrite=true.")
         resumed = load_checkpoint(path, "pre-training state to resume", required_keys=("model_state_dict", "global_step"))
-        model.load_state_dict(resumed["model_state_dict"])
-        optimizer.load_state_dict(resumed["optimizer_state_dict"])
-        scheduler.load_state_dict(resumed["scheduler_state_dict"])
-        step = int(resumed["global_step"])
+        step = load_train_state(resumed, model, optimizer, scheduler)
     model, optimizer, loader = prepare_for_training(accelerator, model, optimizer, loader)
     set_seed(cfg.seed, device_specific=True)
     if resumed:
@@ -291,10 +291,8 @@ def pretrain_encoder(cfg: DictConfig) -> dict:
         for _ in range(cfg.val_batches)
     ]
 
-    writer = None
-    if accelerator.is_main_process:
-        writer = SummaryWriter(str(run_dir), purge_step=step + 1 if resumed else None)
-        writer.add_text("config", config_as_markdown(cfg))
+    writer = open_writer(run_dir, accelerator, cfg, step, resumed is not None)
+    if writer is not None:
         if resumed:
             print(f"Resuming from {path} at step {step}.")
         n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
@@ -302,57 +300,37 @@ def pretrain_encoder(cfg: DictConfig) -> dict:
               f"{world} process(es) -> {run_dir}")
 
     metrics, t_start = {}, time.perf_counter()
-    logs_sum, n_logged = {}, 0
-    bar = tqdm(total=mcfg.pretrain_steps, initial=step, disable=not accelerator.is_local_main_process, desc="pretrain",
-               mininterval=0.5 if sys.stderr.isatty() else 30)
-    batches_per_epoch = len(loader)
-    for epoch in count(step // batches_per_epoch):
-        if step >= mcfg.pretrain_steps:
+    logs = MeanLogs()
+    bar = progress_bar(mcfg.pretrain_steps, step, accelerator, "pretrain")
+    for batch in epoch_batches(loader, generator, cfg.seed, step, accelerator) if step < mcfg.pretrain_steps else ():
+        loss, step_logs = pretrain_loss(model(batch), mcfg.pretrain_mse_weight, mcfg.pretrain_ce_weight)
+        optimizer_step(accelerator, model, optimizer, scheduler, loss, mcfg.max_grad_norm, step, "lower model.pretrain_lr")
+        step += 1
+        bar.update(1)
+        logs.add({**step_logs, "loss": float(loss.detach())})
+        final = step == mcfg.pretrain_steps
+        if step % cfg.log_interval == 0 or final:
+            means = logs.reduce(accelerator)
+            if writer is not None:
+                writer.add_scalar("pretrain/loss", means.pop("loss"), step)
+                for k, v in means.items():
+                    writer.add_scalar(f"pretrain/{k}", v, step)
+                writer.add_scalar("pretrain/lr", scheduler.get_last_lr()[0], step)
+                writer.add_scalar("pretrain/seconds", time.perf_counter() - t_start, step)
+        if cfg.eval_interval and step % cfg.eval_interval == 0 or final:
+            if accelerator.is_main_process:
+                metrics = validate(accelerator.unwrap_model(model), val_batches)
+                for k, v in metrics.items():
+                    writer.add_scalar(f"pretrain/{k}", v, step)
+                tqdm.write(f"step {step}: held-out correlation {metrics['correlation']:.3f} (latents "
+                           f"{metrics['correlation_latents']:.3f}, chunks {metrics['correlation_chunks']:.3f}); action "
+                           f"accuracy by depth " + " / ".join(f"{metrics.get(f'action_acc_depth{d}', float('nan')):.2f}"
+                                                              for d in range(1, mcfg.pretrain_max_depth + 1)))
+            accelerator.wait_for_everyone()
+        if step % mcfg.pretrain_save_interval == 0 or final:
+            save_stage1(run_dir, "final" if final else f"step{step}", accelerator, model, optimizer, scheduler, step, cfg)
+        if final:
             break
-        generator.manual_seed(cfg.seed * 1_000_003 + epoch)
-        loader.set_epoch(epoch)
-        done_in_epoch = step - epoch * batches_per_epoch
-        for batch in accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader:
-            loss, logs = pretrain_loss(model(batch), mcfg.pretrain_mse_weight, mcfg.pretrain_ce_weight)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"Pre-training loss is {loss.item()} at step {step}: stopped. Earlier checkpoints in "
-                                    f"{run_dir} are intact; lower model.pretrain_lr.")
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(model.parameters(), mcfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            logs["loss"] = loss.detach()
-            for k, v in logs.items():
-                logs_sum[k] = logs_sum.get(k, 0.0) + float(v)
-            n_logged += 1
-            final = step == mcfg.pretrain_steps
-            if step % cfg.log_interval == 0 or final:
-                means = {k: accelerator.reduce(torch.tensor(v / n_logged, device=accelerator.device), "mean").item()
-                         for k, v in sorted(logs_sum.items())}
-                if writer is not None:
-                    writer.add_scalar("pretrain/loss", means.pop("loss"), step)
-                    for k, v in means.items():
-                        writer.add_scalar(f"pretrain/{k}", v, step)
-                    writer.add_scalar("pretrain/lr", scheduler.get_last_lr()[0], step)
-                    writer.add_scalar("pretrain/seconds", time.perf_counter() - t_start, step)
-                logs_sum, n_logged = {}, 0
-            if cfg.eval_interval and step % cfg.eval_interval == 0 or final:
-                if accelerator.is_main_process:
-                    metrics = validate(accelerator.unwrap_model(model), val_batches)
-                    for k, v in metrics.items():
-                        writer.add_scalar(f"pretrain/{k}", v, step)
-                    tqdm.write(f"step {step}: held-out correlation {metrics['correlation']:.3f} (latents "
-                               f"{metrics['correlation_latents']:.3f}, chunks {metrics['correlation_chunks']:.3f}); action "
-                               f"accuracy by depth " + " / ".join(f"{metrics.get(f'action_acc_depth{d}', float('nan')):.2f}"
-                                                                  for d in range(1, mcfg.pretrain_max_depth + 1)))
-                accelerator.wait_for_everyone()
-            if step % mcfg.pretrain_save_interval == 0 or final:
-                save_stage1(run_dir, "final" if final else f"step{step}", accelerator, model, optimizer, scheduler, step, cfg)
-            if final:
-                break
     bar.close()
     if writer is not None:
         writer.close()

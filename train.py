@@ -9,7 +9,6 @@ held-out goals every `eval_interval` steps, and writes checkpoints atomically fr
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import asdict
 from itertools import count
@@ -19,11 +18,9 @@ import hydra
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
-from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from dataset import (
@@ -35,7 +32,7 @@ from dataset import (
     load_metadata,
 )
 from env import make_env_spec
-from evaluate import (
+from evaluation import (
     held_out_loss,
     result_name,
     run_in_context,
@@ -44,12 +41,20 @@ from evaluate import (
 )
 from model import build_model, model_config
 from model.tokens import NO_TARGET
-from utils.errors import RunDirError, TrainingError, UserConfigError
+from utils.errors import RunDirError, UserConfigError
 from utils.io import atomic_torch_save, load_checkpoint
 from utils.lanes import exact_memory, lane_state, memory_staleness, restore_lanes
+from utils.loop import (
+    MeanLogs,
+    cosine_scheduler,
+    epoch_batches,
+    load_train_state,
+    make_accelerator,
+    open_writer,
+    optimizer_step,
+    progress_bar,
+)
 from utils.run import (
-    config_as_markdown,
-    cosine_schedule,
     exit_on_user_error,
     make_optimizer,
     newest_checkpoint,
@@ -73,17 +78,6 @@ def action_loss(model, batch: dict) -> tuple[torch.Tensor, dict, tuple | None]:
     loss = per_token.sum() / valid.sum()
     acc = (logits.argmax(-1) == targets)[valid].float().mean()
     return loss, {"loss_action": loss.detach(), "acc_action": acc.detach(), "n_targets": valid.sum().float()}, carried
-
-
-def window_batches(loader, generator, seed: int, step: int, accelerator):
-    """AD's batches from optimizer step `step` on. The data order is a function of (seed, epoch), so a resume
-    skips the batches its run had already seen in the epoch."""
-    batches_per_epoch = len(loader)
-    for epoch in count(step // batches_per_epoch):
-        generator.manual_seed(seed * 1_000_003 + epoch)
-        loader.set_epoch(epoch)
-        done_in_epoch = max(0, step - epoch * batches_per_epoch)
-        yield from accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader
 
 
 def lane_batches(lanes: HistoryLanes, my_lanes: np.ndarray, step: int, device):
@@ -195,8 +189,7 @@ def attach_pretrained_encoder(model, mcfg, env_cfg, verbose: bool) -> str:
 
 def train(cfg: DictConfig) -> dict:
     # CompressedAD leaves parameters unused in some batches (L_0 where no lane starts a history)
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.model.model == "CompressedAD")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp])
+    accelerator = make_accelerator(cfg.mixed_precision, find_unused_parameters=cfg.model.model == "CompressedAD")
     mcfg = cfg.model
     world = accelerator.num_processes
     spec = validate_config(cfg, world)
@@ -210,9 +203,7 @@ def train(cfg: DictConfig) -> dict:
     stage1_note = attach_pretrained_encoder(model, mcfg, cfg.env, accelerator.is_main_process)
     run_dir = prepare_run_dir(cfg, accelerator)  # only now that every input has been checked
     optimizer = make_optimizer(model, mcfg.lr, mcfg.weight_decay, mcfg.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_schedule(s, mcfg.num_warmup_steps, mcfg.train_timesteps, mcfg.min_lr_ratio)
-    )
+    scheduler = cosine_scheduler(optimizer, mcfg.num_warmup_steps, mcfg.train_timesteps, mcfg.min_lr_ratio)
     loader = generator = None
     if lanes is None:
         generator = torch.Generator()  # reseeded every epoch: the data order is a function of (seed, epoch)
@@ -221,10 +212,7 @@ def train(cfg: DictConfig) -> dict:
     step = 0
     resumed = resume_state(run_dir, cfg) if cfg.resume else None
     if resumed:
-        model.load_state_dict(resumed["model_state_dict"])
-        optimizer.load_state_dict(resumed["optimizer_state_dict"])
-        scheduler.load_state_dict(resumed["scheduler_state_dict"])
-        step = int(resumed["global_step"])
+        step = load_train_state(resumed, model, optimizer, scheduler)
     if cfg.compile:  # the training forward only: rollouts and checkpoints use the plain module
         model = torch.compile(model)
     # the scheduler is stepped by hand, once per optimizer step, whatever the number of processes
@@ -243,15 +231,13 @@ def train(cfg: DictConfig) -> dict:
             carried = exact_memory(raw, lanes, step, my_lanes, accelerator.device)
         batches = lane_batches(lanes, my_lanes, step, accelerator.device)
     else:
-        batches = window_batches(loader, generator, cfg.seed, step, accelerator)
+        batches = epoch_batches(loader, generator, cfg.seed, step, accelerator)
 
     n_params = sum(p.numel() for p in model.parameters())
-    writer = None
-    if accelerator.is_main_process:
-        writer = SummaryWriter(str(run_dir), purge_step=step + 1 if resumed else None)  # drops points logged after the checkpoint
+    writer = open_writer(run_dir, accelerator, cfg, step, resumed is not None)
+    if writer is not None:
         if resumed:
             print(f"Resuming from {resumed['path']} at step {step}.")
-        writer.add_text("config", config_as_markdown(cfg))
         if stage1_note:
             writer.add_text("pretrained_encoder", stage1_note)
         data = (f"{lanes.n_lanes} lanes x {lanes.segments_per_step} of {lanes.n_segments} segments a step, "
@@ -287,34 +273,26 @@ def train(cfg: DictConfig) -> dict:
 
     model.train()
     result, t_start, start_step = {}, time.perf_counter(), step
-    logs_sum, n_logged = {}, 0
-    bar = tqdm(total=mcfg.train_timesteps, initial=step, disable=not accelerator.is_local_main_process, desc="train",
-               mininterval=0.5 if sys.stderr.isatty() else 30)
+    logs = MeanLogs()
+    bar = progress_bar(mcfg.train_timesteps, step, accelerator, "train")
     for batch in batches if step < mcfg.train_timesteps else ():
         if cfg.log_first_batch and step == 0:
             print(f"BATCH {json.dumps({'rank': accelerator.process_index, 'index': batch['index'].flatten().tolist()})}", flush=True)
         if carried is not None:
             batch["memory"], batch["memory_empty"] = carried
-        loss, logs, carried_out = action_loss(model, batch)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"Loss is {loss.item()} at step {step}: stopped. The last checkpoint in {run_dir} is intact; "
-                                f"lower model.lr or use mixed_precision=no.")
-        accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), mcfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss, step_logs, carried_out = action_loss(model, batch)
+        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, loss, mcfg.max_grad_norm, step,
+                                   f"lower model.lr or use mixed_precision=no ({run_dir})")
         if carried is not None:
             carried = (carried_out[0].float().contiguous(), carried_out[1])
         step += 1
         bar.update(1)
 
-        for k, v in logs.items():
-            logs_sum[k] = logs_sum.get(k, 0.0) + v
-        n_logged += 1
+        logs.add(step_logs)
         if step % cfg.log_interval == 0 or step == mcfg.train_timesteps:
-            means = {k: accelerator.reduce(logs_sum[k] / n_logged, reduction="mean").item() for k in ("loss_action", "acc_action")}
-            n_targets = accelerator.reduce(logs_sum["n_targets"], reduction="sum").item()
+            n_logged = logs.n
+            means = logs.reduce(accelerator, ("loss_action", "acc_action"), summed=("n_targets",))
+            n_targets = means.pop("n_targets")
             if carried is not None and not lanes.whole_histories:  # how far the carried memory is from the current weights'
                 means["memory_staleness"] = accelerator.reduce(memory_staleness(raw, lanes, step, my_lanes, carried),
                                                                reduction="mean").item()
@@ -327,7 +305,6 @@ def train(cfg: DictConfig) -> dict:
                 writer.add_scalar("train/seconds_per_step", seconds / (step - start_step), step)
                 writer.add_scalar("train/targets_per_step", n_targets / n_logged, step)
             bar.set_postfix(loss=f"{means['loss_action']:.3f}", acc=f"{means['acc_action']:.3f}", refresh=False)
-            logs_sum, n_logged = {}, 0
 
         final = step == mcfg.train_timesteps
         if cfg.eval_interval and step % cfg.eval_interval == 0 or final:

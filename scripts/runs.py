@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-from evaluate import bootstrap_ratio
+from evaluation import bootstrap_ratio
 
 
 def run(script: str, *overrides: str) -> float:

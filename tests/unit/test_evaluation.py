@@ -1,4 +1,4 @@
-"""The evaluation's metrics on hand-made returns, and the rollout's memory interventions (evaluate.py)."""
+"""The evaluation's metrics on hand-made returns, and the rollout's memory interventions (evaluation.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +8,7 @@ import torch
 from env import (
     make_env_spec,
 )
-from evaluate import (
+from evaluation import (
     bootstrap_ratio,
     episodes_to_fraction,
     held_out_loss,
