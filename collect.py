@@ -26,6 +26,18 @@ def learning_curve(episode_returns: np.ndarray, optimal: np.ndarray) -> np.ndarr
     return episode_returns.mean(axis=0) / optimal.mean()
 
 
+def noise_free_curve(episode_returns: np.ndarray, noise: np.ndarray, optimal: np.ndarray, min_streams: int = 10) -> list:
+    """Per episode, the fraction of optimal over the streams whose episode had no noise step: what the source itself
+    reaches, apart from the noise injected into its histories. None where fewer than `min_streams` such episodes."""
+    n_streams, n_episodes = episode_returns.shape
+    clean = ~noise.reshape(n_streams, n_episodes, -1).any(-1)
+    out = []
+    for e in range(n_episodes):
+        rows = clean[:, e]
+        out.append(round(float(episode_returns[rows, e].sum() / optimal[rows].sum()), 4) if rows.sum() >= min_streams else None)
+    return out
+
+
 def collect(cfg: DictConfig) -> str:
     path = histories_dir(cfg)
     if (path / "metadata.json").is_file() and not cfg.force:
@@ -37,24 +49,31 @@ def collect(cfg: DictConfig) -> str:
     run_algorithm = ALGORITHMS[cfg.algorithm.name]
     n_streams = int(cfg.algorithm.n_streams_per_task)
 
-    splits, curves, t0 = {}, {}, time.perf_counter()
+    splits, curves, clean, t0 = {}, {}, {}, time.perf_counter()
     for i, split in enumerate(SPLITS):
         tasks = spec.tasks(split)
         stream_tasks = np.repeat(tasks, n_streams, axis=0)
         # each split has its own generator: one split's size never changes another's histories
-        rng = np.random.default_rng([int(cfg.algorithm.collect_seed), i])
-        out = run_algorithm(spec, stream_tasks, cfg.algorithm, rng, env_seed=int(cfg.algorithm.collect_seed) * 3 + i)
+        seed = int(cfg.algorithm.collect_seed)
+        rng = np.random.default_rng([seed, i])
+        # noise draws of their own per split (val and test, of equal shape, once had identical noise); the train split
+        # keeps the draws it always had, so the training histories are unchanged
+        noise_seed = [seed, 7] if split == "train" else [seed, 7, i]
+        out = run_algorithm(spec, stream_tasks, cfg.algorithm, rng, env_seed=seed * 3 + i, noise_seed=noise_seed)
         T = out["states"].shape[1]
         splits[split] = {k: out[k].reshape(len(tasks), n_streams, T) for k in ("states", "actions", "rewards", "next_states", "noise")}
         splits[split]["tasks"] = tasks
-        curves[split] = learning_curve(out["episode_returns"], spec.optimal_returns(stream_tasks)).round(4).tolist()
+        optimal = spec.optimal_returns(stream_tasks)
+        curves[split] = learning_curve(out["episode_returns"], optimal).round(4).tolist()
+        clean[split] = noise_free_curve(out["episode_returns"], out["noise"], optimal)
     seconds = time.perf_counter() - t0
     n_steps = sum(s["states"].size for s in splits.values())
 
     metadata = {
         "config": histories_key(cfg),
         "tasks": {split: splits[split]["tasks"].tolist() for split in splits},
-        "learning_curve": curves,  # mean fraction of optimal return per episode
+        "learning_curve": curves,  # mean fraction of optimal return per episode, noise steps included
+        "learning_curve_noise_free": clean,  # the same over the episodes without a noise step (null: fewer than 10)
         "n_env_steps": int(n_steps),
         "collect_seconds": round(seconds, 2),
     }

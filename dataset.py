@@ -39,7 +39,8 @@ def _plain(cfg) -> dict:
 
 def histories_key(cfg) -> dict:
     """The part of the config that determines the histories."""
-    return {"env": _plain(cfg.env), "algorithm": _plain(cfg.algorithm)}
+    # noise_seeding: a change of how the histories are drawn that no config key expresses (old datasets are not reused)
+    return {"env": _plain(cfg.env), "algorithm": _plain(cfg.algorithm), "noise_seeding": "per_split"}
 
 
 def histories_dir(cfg) -> Path:

@@ -21,10 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from env import make_env_spec
 from evaluation import (
+    config_hash,
     held_out_loss,
     result_name,
     run_in_context,
-    source_curve_for,
+    source_curves_for,
     summarize,
     write_results,
 )
@@ -46,11 +47,15 @@ def evaluate(cfg: DictConfig) -> dict:
     model.load_state_dict(ckpt["model_state_dict"])
     model.to(device)
     tasks = spec.tasks(cfg.split)
-    rollout = run_in_context(model, spec, tasks, cfg.n_episodes, cfg.n_envs_per_task, cfg.eval.seed, cfg.use_cache, device,
-                             cfg.memory, cfg.memory_chunks)
+    run_eval = run_cfg.get("eval", {})  # the run's own evaluation sizes, unless given here
+    n_episodes = cfg.n_episodes if cfg.n_episodes is not None else run_eval.get("n_episodes", cfg.eval.n_episodes)
+    n_envs = cfg.n_envs_per_task if cfg.n_envs_per_task is not None else run_eval.get("n_envs_per_task", cfg.eval.n_envs_per_task)
+    rollout = run_in_context(model, spec, tasks, n_episodes, n_envs, cfg.eval.seed, cfg.use_cache, device,
+                             cfg.memory, cfg.memory_chunks, cfg.donor, cfg.donor_permutation)
     result = summarize(tasks, spec, rollout)
     result.update(split=cfg.split, memory=cfg.memory, memory_chunks=cfg.memory_chunks if cfg.memory == "truncate" else None,
-                  checkpoint=str(cfg.checkpoint), global_step=int(ckpt.get("global_step", -1)), env=run_cfg["env"]["name"])
+                  checkpoint=str(cfg.checkpoint), global_step=int(ckpt.get("global_step", -1)), env=run_cfg["env"]["name"],
+                  run_config_hash=config_hash(run_cfg))
     if cfg.memory == "normal" and cfg.held_out_streams_per_task:
         from dataset import load_histories
 
@@ -60,11 +65,12 @@ def evaluate(cfg: DictConfig) -> dict:
         except DatasetError as e:  # the rollout needs no dataset; the loss does
             print(f"Held-out loss skipped: {str(e).splitlines()[0]}")
     run_dir = Path(cfg.output_dir) if cfg.get("output_dir") else Path(cfg.checkpoint).parent
-    name = cfg.get("name") or result_name(cfg.split, cfg.memory, cfg.memory_chunks)
-    out = write_results(result, run_dir, name, source_curve_for(run_cfg, cfg.split))
+    name = cfg.get("name") or result_name(cfg.split, cfg.memory, cfg.memory_chunks, cfg.donor, cfg.donor_permutation)
+    out = write_results(result, run_dir, name, source_curves_for(run_cfg, cfg.split))
     lo, hi = result["fraction_of_optimal_last10_ci95"]
     print(
-        f"{cfg.split} tasks ({len(tasks)} x {cfg.n_envs_per_task} envs, {cfg.n_episodes} episodes, memory={cfg.memory}): "
+        f"{cfg.split} tasks ({len(tasks)} x {n_envs} envs, {n_episodes} episodes, memory={cfg.memory}"
+        f"{f', donor={cfg.donor}' if cfg.memory == 'transplant' else ''}): "
         f"fraction of optimal first10 {result['fraction_of_optimal_first10']:.3f} -> last10 "
         f"{result['fraction_of_optimal_last10']:.3f} (task-bootstrap 95% CI {lo:.3f}-{hi:.3f}), "
         f"80% at episode {result['episodes_to_80pct']}, {result['seconds']:.1f} s -> {out}"

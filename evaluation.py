@@ -30,13 +30,36 @@ def sample_actions(logits: torch.Tensor, uniform: np.ndarray) -> np.ndarray:
     return np.minimum((cdf < uniform[:, None]).sum(-1), logits.shape[-1] - 1)
 
 
+DONORS = ("same_task", "other_task")
+
+
+def donor_tasks(n_tasks: int, donor: str, permutation: int = 0) -> np.ndarray:
+    """For memory=transplant: the index of the task whose rollout lends each task its latents. `same_task`: the task
+    itself (another repeat: other starts and action draws; costs ~nothing if the latents hold task content and
+    progress); `other_task`: a random derangement of the tasks, one per `permutation` (average several: the cost of
+    one fixed donor order depends on how far its pairs are apart)."""
+    if donor not in DONORS:
+        raise UserConfigError(f"donor={donor} is not one of {DONORS}.")
+    if donor == "same_task":
+        return np.arange(n_tasks)
+    if n_tasks < 2:
+        raise UserConfigError("donor=other_task needs at least 2 tasks: the latents come from a rollout on another task.")
+    rng = np.random.default_rng([permutation, 2])
+    while True:
+        order = rng.permutation(n_tasks)
+        if (order != np.arange(n_tasks)).all():
+            return order
+
+
 @torch.no_grad()
 def run_in_context(model, spec: GridTaskSpec, tasks: np.ndarray, n_episodes: int, n_envs_per_task: int, seed: int,
-                   use_cache: bool = True, device="cpu", memory: str = "normal", memory_chunks: int = 1) -> dict:
+                   use_cache: bool = True, device="cpu", memory: str = "normal", memory_chunks: int = 1,
+                   donor: str = "other_task", donor_permutation: int = 0) -> dict:
     """Roll `model` out for `n_episodes` episodes on every task; returns returns [tasks, repeats, episodes] + stats.
 
-    Starts and action-sampling draws depend on `seed` and the env's index only. `memory=transplant`
-    adds one donor env per env, on the next task, whose latents the env receives after every compression.
+    Starts and action-sampling draws depend on `seed` and the env's index only. `memory=transplant` adds one donor
+    env per env, run normally on the task `donor_tasks` names, with its own starts and draws, whose latents the env
+    receives after every compression.
     """
     if memory != "normal" and not hasattr(model, "encoder"):
         raise UserConfigError(f"memory={memory} tests a compressed memory; {type(model).__name__} has none (use memory=normal).")
@@ -47,11 +70,11 @@ def run_in_context(model, spec: GridTaskSpec, tasks: np.ndarray, n_episodes: int
     options = {}
     if memory != "normal":
         options = {"memory": memory, "memory_chunks": memory_chunks}
-    if memory == "transplant":  # donors: the same repeats of the next task, run normally
-        if len(tasks) < 2:
-            raise UserConfigError("memory=transplant needs at least 2 tasks: the latents come from a rollout on another task.")
-        env_tasks = np.concatenate([env_tasks, np.roll(env_tasks, -n_envs_per_task, axis=0)])
-        options["donor"] = np.concatenate([np.arange(n, 2 * n), np.arange(n, 2 * n)])  # env i <- donor n + i; donors keep their own
+    donors = None
+    if memory == "transplant":  # donor envs n .. 2n - 1, run normally; env i receives donor n + i's latents
+        donors = donor_tasks(len(tasks), donor, donor_permutation)
+        env_tasks = np.concatenate([env_tasks, np.repeat(tasks[donors], n_envs_per_task, axis=0)])
+        options["donor"] = np.concatenate([np.arange(n, 2 * n), np.arange(n, 2 * n)])  # donors keep their own
     env = spec.batched(env_tasks, seed=seed)
     context = model.rollout(len(env_tasks), use_cache=use_cache, **options)
     rng, donor_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])
@@ -77,6 +100,8 @@ def run_in_context(model, spec: GridTaskSpec, tasks: np.ndarray, n_episodes: int
         "returns": returns[:n].reshape(len(tasks), n_envs_per_task, n_episodes),
         "seconds": seconds,
         "seconds_per_env_step": seconds / (n_episodes * spec.horizon),
+        **({"donor": donor, "donor_permutation": donor_permutation if donor == "other_task" else None,
+            "donor_tasks": donors.tolist()} if donors is not None else {}),
         **stats,
     }
 
@@ -204,7 +229,7 @@ def held_out_loss(model, histories: dict, n_streams_per_task: int, device="cpu",
     return out
 
 
-def plot_curve(result: dict, source_curve: list | None, path: Path) -> None:
+def plot_curve(result: dict, source_curves: dict | None, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,8 +238,8 @@ def plot_curve(result: dict, source_curve: list | None, path: Path) -> None:
     optimal = float(np.mean(result["optimal_return"]))
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(result["mean_return_per_episode"], label="model (in context)")
-    if source_curve:
-        ax.plot(np.asarray(source_curve) * optimal, label="source algorithm (same tasks)", alpha=0.7)
+    for label, curve in (source_curves or {}).items():
+        ax.plot(np.asarray(curve, dtype=float) * optimal, label=label, alpha=0.7)
     ax.axhline(optimal, color="k", linestyle="--", label="optimal")
     ax.set_xlabel("episode in context")
     ax.set_ylabel("mean return")
@@ -229,23 +254,48 @@ def plot_curve(result: dict, source_curve: list | None, path: Path) -> None:
     tmp.replace(path)
 
 
-def source_curve_for(run_cfg: dict, split: str) -> list | None:
-    """The source algorithm's learning curve on the same tasks, if the dataset is on disk."""
+SOURCE_LABELS = {"learning_curve": "source algorithm, its histories (noise steps included)",
+                 "learning_curve_noise_free": "source algorithm, episodes without a noise step"}
+
+
+def source_curves(metadata: dict, split: str) -> dict:
+    """{plot label: the source's learning curve on the same tasks} from a dataset's metadata: as recorded (the noise
+    steps the model reads as context included) and over the episodes that had no noise step."""
+    return {label: metadata[key][split] for key, label in SOURCE_LABELS.items() if split in metadata.get(key, {})}
+
+
+def source_curves_for(run_cfg: dict, split: str) -> dict:
+    """`source_curves` of the run's dataset, if it is on disk."""
     from dataset import load_metadata
 
     try:
-        return load_metadata(OmegaConf.create(run_cfg))["learning_curve"][split]
-    except (DatasetError, KeyError, OSError):
-        return None
+        return source_curves(load_metadata(OmegaConf.create(run_cfg)), split)
+    except (DatasetError, OSError):
+        return {}
 
 
-def result_name(split: str, memory: str = "normal", memory_chunks: int = 1) -> str:
-    """eval/<name>.json: one file per split and memory mode, so no test overwrites a normal evaluation."""
-    return split if memory == "normal" else f"{split}-memory-{memory}" + (str(memory_chunks) if memory == "truncate" else "")
+def config_hash(run_cfg: dict) -> str:
+    """A short hash of a run's resolved config: an eval file names the run it evaluated (scripts/ reuse only matches)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(run_cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def write_results(result: dict, run_dir: Path, name: str, source_curve) -> Path:
+def result_name(split: str, memory: str = "normal", memory_chunks: int = 1, donor: str = "other_task",
+                donor_permutation: int = 0) -> str:
+    """eval/<name>.json: one file per split and memory test, so no test overwrites a normal evaluation."""
+    if memory == "normal":
+        return split
+    if memory == "truncate":
+        return f"{split}-memory-truncate{memory_chunks}"
+    if memory == "transplant":
+        return f"{split}-memory-transplant-" + ("same_task" if donor == "same_task" else f"other_task{donor_permutation}")
+    return f"{split}-memory-{memory}"
+
+
+def write_results(result: dict, run_dir: Path, name: str, source_curves: dict | None) -> Path:
     out = Path(run_dir) / "eval" / f"{name}.json"
     atomic_write_json(result, out)
-    plot_curve(result, source_curve, out.with_suffix(".png"))
+    plot_curve(result, source_curves, out.with_suffix(".png"))
     return out

@@ -33,9 +33,11 @@ from dataset import (
 )
 from env import make_env_spec
 from evaluation import (
+    config_hash,
     held_out_loss,
     result_name,
     run_in_context,
+    source_curves,
     summarize,
     write_results,
 )
@@ -196,7 +198,7 @@ def train(cfg: DictConfig) -> dict:
     train_set = build_dataset(mcfg, load_histories(cfg, "train"), seed=cfg.seed)
     lanes = train_set if isinstance(train_set, HistoryLanes) else None
     held_out = {split: load_histories(cfg, split) for split in dict.fromkeys(("val", *cfg.final_eval_splits))}  # each split read once
-    source_curves = load_metadata(cfg)["learning_curve"]
+    metadata = load_metadata(cfg)
 
     set_seed(cfg.seed)  # same initial weights on every rank
     model = build_model(mcfg, spec.n_states, spec.n_actions)
@@ -252,12 +254,13 @@ def train(cfg: DictConfig) -> dict:
         rollout = run_in_context(raw, spec, tasks, cfg.eval.n_episodes, n_envs, cfg.eval.seed, cfg.eval.use_cache,
                                  accelerator.device)
         result = summarize(tasks, spec, rollout)
-        result.update(split=split, memory="normal", global_step=step, env=spec.name)
+        result.update(split=split, memory="normal", global_step=step, env=spec.name,
+                      run_config_hash=config_hash({**plain_config(cfg), "dataset": str(histories_dir(cfg))}))
         loss = held_out_loss(raw, held_out[split], cfg.eval.held_out_streams_per_task, accelerator.device) \
             if cfg.eval.held_out_streams_per_task else {}
         result["held_out"] = loss
         if full:
-            write_results(result, run_dir, result_name(split), source_curves.get(split))
+            write_results(result, run_dir, result_name(split), source_curves(metadata, split))
         rollout_tag = "eval" if split == "val" else split  # eval/*: the validation rollouts
         writer.add_scalar(f"{rollout_tag}/mean_reward", np.mean(result["mean_return_per_episode"][-10:]), step)
         for k in ("fraction_of_optimal_last10", "fraction_of_optimal_first10", "miss_rate_after_first_success",

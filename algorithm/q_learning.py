@@ -27,7 +27,8 @@ def greedy_random_tiebreak(q: np.ndarray, rng: np.random.Generator) -> np.ndarra
     return np.argmax(np.where(is_max, rng.random(q.shape), -1.0), axis=-1)
 
 
-def run_q_learning(spec: GridTaskSpec, tasks: np.ndarray, cfg, rng: np.random.Generator, env_seed: int = 0) -> dict:
+def run_q_learning(spec: GridTaskSpec, tasks: np.ndarray, cfg, rng: np.random.Generator, env_seed: int = 0,
+                   noise_seed=None) -> dict:
     """Run one Q-learner per row of `tasks` for `cfg.n_episodes` episodes.
 
     Returns arrays of shape [n_streams, n_episodes * horizon]: `states`, `actions`, `rewards`,
@@ -49,7 +50,7 @@ def run_q_learning(spec: GridTaskSpec, tasks: np.ndarray, cfg, rng: np.random.Ge
         "noise": np.zeros((n_streams, T), bool),
     }
     noise_prob, lapse_prob = float(cfg.get("noise_prob", 0.0)), float(cfg.get("lapse_prob", 0.0))
-    noise_rng = np.random.default_rng([int(cfg.get("collect_seed", 0)), 7])  # apart from exploration's draws
+    noise_rng = np.random.default_rng(noise_seed if noise_seed is not None else [int(cfg.get("collect_seed", 0)), 7])  # apart from exploration's draws
     lapse_left = np.zeros(n_streams, np.int64)  # episodes of the current lapse still to come
     in_lapse = np.zeros(n_streams, bool)
     learner = np.zeros((n_streams, horizon + 1), np.int64)  # this episode's learner states, for the replay

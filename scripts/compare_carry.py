@@ -23,6 +23,7 @@ from scripts.runs import (
     eval_result,
     last10_over_seeds,
     mean_pm,
+    reuse_run,
     run,
     scalars,
     write_table,
@@ -54,11 +55,12 @@ def main() -> None:
         results, train = [], []
         for seed in args.seeds:
             run_dir = ROOT / "runs" / f"compare-carry-{args.env}-{slug}-seed{seed}"
-            if not (run_dir / "checkpoint-final.pt").is_file():
-                steps = args.whole_steps if slug == "whole" else None
-                interval = [f"eval_interval={steps // args.eval_points}", f"save_interval={steps // args.eval_points}"] if steps else []
-                run("train.py", *env, f"model={MODEL[args.env]}", *overrides, *interval, f"seed={seed}",
-                    f"run_name={run_dir.name}", "final_eval_splits=[val]", *extra)
+            steps = args.whole_steps if slug == "whole" else None
+            interval = [f"eval_interval={steps // args.eval_points}", f"save_interval={steps // args.eval_points}"] if steps else []
+            train_overrides = [*env, f"model={MODEL[args.env]}", *overrides, *interval, f"seed={seed}",
+                               f"run_name={run_dir.name}", "final_eval_splits=[val]", *extra]
+            if not reuse_run(run_dir / "checkpoint-final.pt", "train", train_overrides):
+                run("train.py", *train_overrides)
             results.append(eval_result(run_dir, "val"))
             step, sec = scalars(run_dir, "train/seconds_per_step")
             _, targets = scalars(run_dir, "train/targets_per_step")

@@ -18,12 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
+from evaluation import result_name
 from scripts.runs import (
     ROOT,
+    composed_config,
     eval_result,
     last10_over_seeds,
     mean_pm,
     median_never,
+    reusable_eval,
+    reuse_run,
     run,
     scalars,
     write_table,
@@ -45,8 +49,23 @@ VARIANTS = {
                                                                           "model.train_batch_size=16"]),
     },
 }
-MEMORY_TESTS = (("clear", ["memory=clear"]), ("transplant", ["memory=transplant"]),
-                ("truncate1", ["memory=truncate", "memory_chunks=1"]))
+# CompressedAD's memory tests: (column, evaluate.py settings; a test with several is averaged over them)
+MEMORY_TESTS = (
+    ("clear costs", [{"memory": "clear"}]),
+    ("truncate-1 costs", [{"memory": "truncate", "memory_chunks": 1}]),
+    ("transplant, same task, costs", [{"memory": "transplant", "donor": "same_task"}]),
+    ("transplant, other task (3 derangements), costs", [{"memory": "transplant", "donor": "other_task", "donor_permutation": p}
+                                                       for p in range(3)]),
+)
+
+
+def memory_eval(run_dir: Path, ckpt: Path, split: str, settings: dict) -> dict:
+    """One memory test's result, reused only if it evaluated this checkpoint with these settings."""
+    name = result_name(split, settings["memory"], settings.get("memory_chunks", 1), settings.get("donor", "other_task"),
+                       settings.get("donor_permutation", 0))
+    if not reusable_eval(run_dir, name, ckpt, memory=settings["memory"], **{k: v for k, v in settings.items() if k != "memory"}):
+        run("evaluate.py", f"checkpoint={ckpt}", f"split={split}", *[f"{k}={v}" for k, v in settings.items()])
+    return eval_result(run_dir, name)
 
 
 def summarise(name: str, results: list[dict], memory: dict, train: list[dict], env: str) -> list[str]:
@@ -58,9 +77,9 @@ def summarise(name: str, results: list[dict], memory: dict, train: list[dict], e
     if env == "dark_key_to_door":
         row += [mean_pm([r["key_rate"] for r in results]), mean_pm([r["door_rate"] for r in results])]
     for test, _ in MEMORY_TESTS:  # the drop in last10 when the memory is altered (same draws, same tasks)
-        if memory.get(test):
-            row.append(mean_pm([r["fraction_of_optimal_last10"] - m["fraction_of_optimal_last10"]
-                                for r, m in zip(results, memory[test])], 2))
+        if memory.get(test):  # per seed: normal - the mean over the test's settings
+            row.append(mean_pm([r["fraction_of_optimal_last10"] - np.mean([m["fraction_of_optimal_last10"] for m in ms])
+                                for r, ms in zip(results, memory[test])], 2))
         else:
             row.append("-")
     held = [r.get("held_out", {}) for r in results]
@@ -100,26 +119,26 @@ def main() -> None:
         for seed in args.seeds:
             run_dir = ROOT / "runs" / f"compare-{args.env}-{slug}-seed{seed}"
             ckpt = run_dir / "checkpoint-final.pt"
-            if not ckpt.is_file():  # finished runs are reused
-                run("train.py", "experiment=quick", *env, *overrides, f"seed={seed}", f"run_name={run_dir.name}",
-                    "eval_interval=0", f"final_eval_splits=[{','.join(args.splits)}]", *extra)
+            train_overrides = ["experiment=quick", *env, *overrides, f"seed={seed}", f"run_name={run_dir.name}",
+                               "eval_interval=0", f"final_eval_splits=[{','.join(args.splits)}]", *extra]
+            if not reuse_run(ckpt, "train", train_overrides):  # a finished run is reused only under the same config
+                run("train.py", *train_overrides)
+            run_eval = composed_config("train", train_overrides)["eval"]
+            sizes = {"n_envs_per_task": run_eval["n_envs_per_task"], "n_episodes": run_eval["n_episodes"]}
             steps, sec = scalars(run_dir, "train/seconds_per_step")
             _, targets = scalars(run_dir, "train/targets_per_step")
             train.append({"seconds": float(sec[-1] * steps[-1]), "targets_per_second": float(targets.mean() / sec[-1])})
             compressed = "compressed" in slug
             for split in args.splits:
-                if not (run_dir / "eval" / f"{split}.json").is_file():
+                if not reusable_eval(run_dir, split, ckpt, memory="normal", **sizes):
                     run("evaluate.py", f"checkpoint={ckpt}", f"split={split}")
                 results[split].append(eval_result(run_dir, split))
-                for test, flags in (MEMORY_TESTS if compressed else ()):
-                    name = f"{split}-memory-{test}"
-                    if not (run_dir / "eval" / f"{name}.json").is_file():
-                        run("evaluate.py", f"checkpoint={ckpt}", f"split={split}", *flags)
-                    memory[split][test].append(eval_result(run_dir, name))
+                for test, settings in (MEMORY_TESTS if compressed else ()):
+                    memory[split][test].append([memory_eval(run_dir, ckpt, split, s) for s in settings])
             if compressed and args.long_episodes:
                 split = args.splits[-1]
                 name = f"{split}-{args.long_episodes}ep"
-                if not (run_dir / "eval" / f"{name}.json").is_file():
+                if not reusable_eval(run_dir, name, ckpt, n_episodes=args.long_episodes):
                     run("evaluate.py", f"checkpoint={ckpt}", f"split={split}", f"n_episodes={args.long_episodes}", f"name={name}",
                         "held_out_streams_per_task=0")
                 long_results.append((results[split][-1], eval_result(run_dir, name)))
@@ -136,7 +155,7 @@ def main() -> None:
               "episodes to 80% (median)", "miss rate after first success"]
     if args.env == "dark_key_to_door":
         header += ["key taken (last10)", "door reached (last10)"]
-    header += ["clear costs", "transplant costs", "truncate-1 costs", "memory value: loss@1 chunk - loss@8",
+    header += [test for test, _ in MEMORY_TESTS] + ["memory value: loss@1 chunk - loss@8",
                "train wall s", "train targets/s", "eval ms per env step", "compressions"]
     for split in args.splits:
         r = eval_result(ROOT / "runs" / f"compare-{args.env}-{slugs[0]}-seed{args.seeds[0]}", split)

@@ -17,6 +17,7 @@ from scripts.runs import (
     first_step_below,
     last10_over_seeds,
     mean_pm,
+    reuse_run,
     run,
     scalars,
     write_table,
@@ -42,15 +43,17 @@ def main() -> None:
     for seed in args.seeds:
         stage1 = ROOT / "runs" / f"compare-pretrain-encoder-seed{seed}"
         ckpt = stage1 / "encoder-pretrained-final.pt"
-        if not ckpt.is_file():
-            run("pretrain_encoder.py", "experiment=quick", f"seed={seed}", f"run_name={stage1.name}", *extra)
+        stage1_overrides = ["experiment=quick", f"seed={seed}", f"run_name={stage1.name}", *extra]
+        if not reuse_run(stage1 / "training-state-final.pt", "pretrain_encoder", stage1_overrides):
+            run("pretrain_encoder.py", *stage1_overrides)
         _, sec = scalars(stage1, "pretrain/seconds")
         stage1_seconds.append(float(sec[-1]) if len(sec) else None)
         for slug, (_, overrides) in VARIANTS.items():
             run_dir = ROOT / "runs" / f"compare-{slug}-seed{seed}"
-            if not (run_dir / "checkpoint-final.pt").is_file():
-                run("train.py", "experiment=quick", "model=ad_compressed_dr", f"seed={seed}", f"run_name={run_dir.name}",
-                    *[o.format(ckpt=ckpt) for o in overrides], *extra)
+            train_overrides = ["experiment=quick", "model=ad_compressed_dr", f"seed={seed}", f"run_name={run_dir.name}",
+                               *[o.format(ckpt=ckpt) for o in overrides], *extra]
+            if not reuse_run(run_dir / "checkpoint-final.pt", "train", train_overrides):
+                run("train.py", *train_overrides)
             _, sec = scalars(run_dir, "train/seconds_per_step")
             steps, _ = scalars(run_dir, "train/seconds_per_step")
             results[slug].append({

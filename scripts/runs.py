@@ -25,6 +25,61 @@ def run(script: str, *overrides: str) -> float:
     return time.perf_counter() - t0
 
 
+# keys of a run's config that may differ between the run and a request to reuse it
+NOT_PART_OF_THE_RUN = ("resume", "overwrite", "dataset", "log_first_batch")
+
+
+def composed_config(script: str, overrides) -> dict:
+    """The resolved config `python <script>.py overrides...` would run with, as plain containers (as checkpoints hold it)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
+        return OmegaConf.to_container(compose(config_name=script, overrides=list(overrides)), resolve=True)
+
+
+def config_differences(then: dict, now: dict, prefix: str = "") -> dict:
+    """{dotted key: (then, now)} for every leaf that differs."""
+    out = {}
+    for k in sorted(then.keys() | now.keys()):
+        a, b = then.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(config_differences(a, b, f"{prefix}{k}."))
+        elif a != b:
+            out[f"{prefix}{k}"] = (a, b)
+    return out
+
+
+def reuse_run(checkpoint: Path, script: str, overrides) -> bool:
+    """True when `checkpoint` exists and was made with exactly the config these overrides compose now; False when it
+    does not exist (train it). A run made under another config (an older default, other overrides) is refused, naming
+    the keys: a comparison never mixes recipes silently."""
+    if not checkpoint.is_file():
+        return False
+    from utils.io import load_checkpoint
+
+    then = load_checkpoint(checkpoint, "run to reuse", required_keys=("config",))["config"]
+    now = composed_config(script, overrides)
+    differ = {k: v for k, v in config_differences(then, now).items() if k.split(".")[0] not in NOT_PART_OF_THE_RUN}
+    if differ:
+        sys.exit(f"Error: {checkpoint} was made under another config than this comparison asks for; (then, now) = {differ}. "
+                 f"Move {checkpoint.parent} aside to retrain it, or pass the overrides it was made with.")
+    return True
+
+
+def reusable_eval(run_dir: Path, name: str, checkpoint: Path, **expected) -> bool:
+    """An eval file is reused only if it evaluated this very checkpoint (its config hash) with the asked settings."""
+    path = Path(run_dir) / "eval" / f"{name}.json"
+    if not path.is_file():
+        return False
+    from evaluation import config_hash
+    from utils.io import load_checkpoint
+
+    result = json.loads(path.read_text())
+    ckpt_hash = config_hash(load_checkpoint(checkpoint, "checkpoint", required_keys=("config",))["config"])
+    return result.get("run_config_hash") == ckpt_hash and all(result.get(k) == v for k, v in expected.items())
+
+
 def scalars(run_dir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps, values) of one TensorBoard scalar tag in a run dir."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

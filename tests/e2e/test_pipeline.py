@@ -19,6 +19,7 @@ from tests.helpers import (
     ROOT,
     TINY,
     TINY_TRAIN,
+    compose_cfg,
     run_script,
 )
 
@@ -72,13 +73,19 @@ def test_collect_train_evaluate_end_to_end(tiny_data, tmp_path, model):
     assert "fraction of optimal" in out.stdout
     if model.startswith("ad_compressed_dr"):
         assert "n_compressions" in result and result["peak_decoder_length"] <= 56
-        for memory in ("clear", "transplant", "truncate"):
+        for memory in (["memory=clear"], ["memory=transplant"], ["memory=transplant", "donor=same_task"],
+                       ["memory=transplant", "donor_permutation=1"], ["memory=truncate"]):
             run_script("evaluate.py", f"checkpoint={run_dir / 'checkpoint-final.pt'}", "n_episodes=4", "n_envs_per_task=1",
-                       f"memory={memory}", "split=val")
+                       *memory, "split=val")
         names = sorted(p.name for p in (run_dir / "eval").glob("*.json"))
-        assert names == ["test.json", "val-memory-clear.json", "val-memory-transplant.json", "val-memory-truncate1.json",
-                         "val.json"]
-        assert json.loads((run_dir / "eval" / "val-memory-transplant.json").read_text())["memory"] == "transplant"
+        assert names == ["test.json", "val-memory-clear.json", "val-memory-transplant-other_task0.json",
+                         "val-memory-transplant-other_task1.json", "val-memory-transplant-same_task.json",
+                         "val-memory-truncate1.json", "val.json"]
+        same = json.loads((run_dir / "eval" / "val-memory-transplant-same_task.json").read_text())
+        other = json.loads((run_dir / "eval" / "val-memory-transplant-other_task1.json").read_text())
+        assert same["memory"] == "transplant" and same["donor"] == "same_task" and same["donor_tasks"] == list(range(8))
+        assert other["donor"] == "other_task" and other["donor_permutation"] == 1
+        assert sorted(other["donor_tasks"]) == list(range(8)) and all(d != i for i, d in enumerate(other["donor_tasks"]))
         assert json.loads((run_dir / "eval" / "val.json").read_text())["n_episodes"] == 3  # untouched by the memory tests
     else:
         out = run_script("evaluate.py", f"checkpoint={run_dir / 'checkpoint-final.pt'}", "memory=clear", check=False)
@@ -102,9 +109,13 @@ def test_key_to_door_collect_train_evaluate_end_to_end(tmp_path):
         result = json.loads((run_dir / "eval" / "test.json").read_text())
         assert len(result["tasks"]) == 3 and len(result["tasks"][0]) == 4 and result["env"] == "dark_key_to_door"
         assert result["mean_optimal_return"] == 2.0 and 0 <= result["door_rate"] <= result["key_rate"] <= 1
+        # without sizes given, evaluate uses the run's own (a memory test pairs with the run's final evaluation)
+        run_script("evaluate.py", f"checkpoint={run_dir / 'checkpoint-final.pt'}", "split=val", "name=default-sizes")
+        default = json.loads((run_dir / "eval" / "default-sizes.json").read_text())
+        assert default["n_envs_per_task"] == ckpt["config"]["eval"]["n_envs_per_task"] == 2
+        assert default["n_episodes"] == ckpt["config"]["eval"]["n_episodes"] == 3
+        assert compose_cfg("evaluate", ["checkpoint=x"]).eval.n_envs_per_task == 32  # so not evaluate.yaml's own default
     # a Darkroom run pointed at the Key-to-Door dataset is refused, naming the env
-    from tests.helpers import compose_cfg
-
     dktd_data = histories_dir(compose_cfg("collect", [*data, *tiny]))
     out = run_script("train.py", *data, *TINY, *TINY_TRAIN["ad_dr"], f"dataset_path={dktd_data}", "run_name=x", check=False)
     assert out.returncode == 1 and "another env config" in out.stderr and "name" in out.stderr

@@ -10,6 +10,7 @@ from env import (
 )
 from evaluation import (
     bootstrap_ratio,
+    donor_tasks,
     episodes_to_fraction,
     held_out_loss,
     miss_rate_after_first_success,
@@ -121,3 +122,27 @@ def test_held_out_loss_is_scored_at_fixed_positions_with_a_memory_value_curve():
     assert set(held_out_loss(other, h, 2)) == set(out)
     ad = build_model(compose_cfg("train", ["model=ad_dr", "model.n_transit=40"]).model, N_STATES, N_ACTIONS)
     assert not any(k.startswith("memory_value") for k in held_out_loss(ad, h, 2))
+
+
+def test_transplant_donors_are_the_same_task_or_a_derangement_and_are_run_on_their_own_starts():
+    assert donor_tasks(5, "same_task").tolist() == [0, 1, 2, 3, 4]
+    orders = [donor_tasks(8, "other_task", p) for p in range(3)]
+    for order in orders:
+        assert sorted(order.tolist()) == list(range(8)) and (order != np.arange(8)).all()
+    assert len({tuple(o) for o in orders}) == 3 and (donor_tasks(8, "other_task", 1) == orders[1]).all()
+    with pytest.raises(UserConfigError, match="at least 2 tasks"):
+        donor_tasks(1, "other_task")
+    with pytest.raises(UserConfigError, match="not one of"):
+        donor_tasks(3, "next_task")
+    # same_task on Key-to-Door (random starts): the donors are other repeats of the same tasks, not copies of the envs
+    torch.manual_seed(0)
+    model = build_model(stream_cfg(), N_STATES, N_ACTIONS)
+    spec = make_env_spec(compose_cfg("collect", ["env=dark_key_to_door", "env.horizon=10"]).env)
+    tasks = spec.tasks("val")[:3]
+    out = run_in_context(model, spec, tasks, 8, 2, seed=0, memory="transplant", donor="same_task")
+    assert out["donor"] == "same_task" and out["donor_tasks"] == [0, 1, 2] and out["donor_permutation"] is None
+    env_tasks = np.repeat(tasks, 2, axis=0)
+    starts = spec.batched(np.concatenate([env_tasks, env_tasks]), seed=0).reset()
+    assert (starts[:6] != starts[6:]).any()  # donor env n + i starts elsewhere than env i on the same task
+    other = run_in_context(model, spec, tasks, 8, 2, seed=0, memory="transplant", donor_permutation=4)
+    assert other["donor_tasks"] == donor_tasks(3, "other_task", 4).tolist() and other["donor_permutation"] == 4
