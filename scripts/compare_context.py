@@ -26,6 +26,7 @@ from scripts.runs import (
     last10_over_seeds,
     mean_pm,
     median_never,
+    paired_difference,
     reusable_eval,
     reuse_run,
     run,
@@ -109,6 +110,7 @@ def main() -> None:
     env = [f"env={args.env}"]
     run("collect.py", "experiment=quick", *env, *extra)
     table = {split: [] for split in args.splits}
+    per_variant = {split: {} for split in args.splits}  # slug -> results over seeds, for the paired differences
     curves = {split: {} for split in args.splits}
     long_rows = []
     for slug in slugs:
@@ -143,6 +145,7 @@ def main() -> None:
                         "held_out_streams_per_task=0")
                 long_results.append((results[split][-1], eval_result(run_dir, name)))
         for split in args.splits:
+            per_variant[split][slug] = results[split]
             table[split].append(summarise(label, results[split], memory[split], train, args.env))
             curves[split][label] = np.mean([r["fraction_of_optimal_per_episode"] for r in results[split]], axis=0)
         if long_results:
@@ -164,6 +167,13 @@ def main() -> None:
                 f"mean over seeds. '[lo, hi]' resamples tasks (95%), '±' is the std over seeds. Memory tests: last10 "
                 f"drop when the latents are altered after every compression, same tasks and draws.\n")
         write_table(out / f"table-{split}.md", header, table[split], note)
+        first, others = slugs[0], slugs[1:]
+        if others:  # the first variant against each other one, on the same tasks and draws
+            rows = [[f"{variants[first][0]} - {variants[o][0]}", paired_difference(per_variant[split][first], per_variant[split][o])]
+                    for o in others]
+            write_table(out / f"paired-{split}.md", ["difference", "last10 difference [95% CI over tasks] (per seed)"], rows,
+                        f"\n\n{split} tasks, seeds {args.seeds}: per-task last10 difference, mean over seeds, as a fraction of "
+                        f"the mean optimal return; the interval resamples tasks (the same for every seed).\n")
         plot(curves[split], out / f"curves-{split}.png", f"{args.env}, {split} tasks, seeds {args.seeds}")
     if long_rows:
         write_table(out / "table-long.md", ["model", "last10 of 100", f"last10 of {args.long_episodes}", "change",

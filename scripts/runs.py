@@ -134,6 +134,20 @@ def last10_over_seeds(results: list[dict]) -> str:
     return f"{np.mean(values):.3f} [{lo:.2f}, {hi:.2f}]{spread}"
 
 
+def paired_difference(results_a: list[dict], results_b: list[dict]) -> str:
+    """Model a minus model b on the same tasks and draws: the per-task last10 difference averaged over seeds, as a
+    fraction of optimal, with a 95% bootstrap interval over tasks, and each seed's difference."""
+    for a, b in zip(results_a, results_b):
+        if a["tasks"] != b["tasks"] or a["n_envs_per_task"] != b["n_envs_per_task"]:
+            raise SystemExit("paired difference of results on other tasks or other repeats: not paired")
+    last10 = lambda r: np.asarray(r["returns"])[:, -10:].mean(axis=1)  # [tasks]
+    diff = np.stack([last10(a) - last10(b) for a, b in zip(results_a, results_b)])  # [seeds, tasks]
+    optimal = np.asarray(results_a[0]["optimal_return"])
+    lo, hi = bootstrap_ratio(diff, optimal)
+    per_seed = " / ".join(f"{d.sum() / optimal.sum():+.3f}" for d in diff)
+    return f"{diff.mean(0).sum() / optimal.sum():+.3f} [{lo:+.3f}, {hi:+.3f}] (per seed {per_seed})"
+
+
 def write_table(path: Path, header: list[str], rows: list[list[str]], note: str = "") -> None:
     """A markdown table (plus a note) written to `path` and printed."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]

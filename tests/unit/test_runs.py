@@ -44,3 +44,20 @@ def test_an_eval_file_is_reused_only_for_this_checkpoint_and_these_settings(tmp_
     stale = {**result, "run_config_hash": config_hash({**config, "seed": 7})}  # made by another run under this name
     (run_dir / "eval" / "val-memory-transplant-same_task.json").write_text(json.dumps(stale))
     assert not reusable_eval(run_dir, "val-memory-transplant-same_task", ckpt, memory="transplant", donor="same_task")
+
+
+def test_paired_difference_resamples_tasks_and_refuses_unpaired_results():
+    from scripts.runs import paired_difference
+
+    def result(per_task, tasks=((0, 0), (1, 1), (2, 2))):
+        return {"returns": [[v] * 10 for v in per_task], "optimal_return": [10.0, 10.0, 10.0], "tasks": [list(t) for t in tasks],
+                "n_envs_per_task": 2}
+
+    a = [result([9, 8, 7]), result([9, 9, 9])]
+    b = [result([8, 8, 8]), result([8, 8, 8])]
+    text = paired_difference(a, b)
+    assert text.startswith("+0.050 [") and "(per seed +0.000 / +0.100)" in text  # seed 0: 0/30; seed 1: 3/30
+    lo, hi = (float(x) for x in text.split("[")[1].split("]")[0].split(", "))
+    assert lo <= 0.05 <= hi and lo < hi
+    with pytest.raises(SystemExit, match="not paired"):
+        paired_difference(a, [result([8, 8, 8], tasks=((0, 0), (1, 1), (3, 3)))] * 2)
