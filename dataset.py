@@ -40,7 +40,9 @@ def _plain(cfg) -> dict:
 def histories_key(cfg) -> dict:
     """The part of the config that determines the histories."""
     # noise_seeding: a change of how the histories are drawn that no config key expresses (old datasets are not reused)
-    return {"env": _plain(cfg.env), "algorithm": _plain(cfg.algorithm), "noise_seeding": "per_split"}
+    # env.short_name names files (model=ad_compressed_<short_name>), it does not shape the histories
+    env = {k: v for k, v in _plain(cfg.env).items() if k != "short_name"}
+    return {"env": env, "algorithm": _plain(cfg.algorithm), "noise_seeding": "per_split"}
 
 
 def histories_dir(cfg) -> Path:
@@ -91,8 +93,8 @@ def load_metadata(cfg) -> dict:
         state = "is incomplete (collection was interrupted)" if path.exists() else "does not exist"
         raise DatasetError(f"Dataset '{path}' {state}. Make it with:\n    {collect_command()}")
     meta = json.loads(meta_file.read_text())
-    if meta["config"]["env"] != _plain(cfg.env):
-        theirs, ours = meta["config"]["env"], _plain(cfg.env)
+    if meta["config"]["env"] != histories_key(cfg)["env"]:
+        theirs, ours = meta["config"]["env"], histories_key(cfg)["env"]
         mismatch = {k: (theirs.get(k), ours.get(k)) for k in sorted(theirs.keys() | ours.keys()) if theirs.get(k) != ours.get(k)}
         raise DatasetError(
             f"Dataset '{path}' was made for another env config; (dataset, this run) differ in {mismatch}. "
@@ -264,16 +266,16 @@ class HistoryLanes:
         return self._stream(j), k, start
 
 
-def compression_schedule(model_cfg) -> CompressionSchedule:
-    return CompressionSchedule(window=model_cfg.max_uncompressed_length, chunk=model_cfg.rollout_compress_length)
-
-
 def build_dataset(model_cfg, histories: dict, seed: int = 0) -> ADDataset | HistoryLanes:
     """The training data a model needs, from its config group: AD's windows (a torch Dataset) or CompressedAD's
     lanes (`train_batch_size` of them, global)."""
     if model_cfg.model == "AD":
         return ADDataset(histories, model_cfg.n_transit)
     if model_cfg.model == "CompressedAD":
-        return HistoryLanes(histories, compression_schedule(model_cfg), model_cfg.train_batch_size,
+        from model import (
+            model_config,  # the schedule the model will use: one object, built from its config
+        )
+
+        return HistoryLanes(histories, model_config(model_cfg).schedule, model_cfg.train_batch_size,
                             model_cfg.segments_per_step, seed=seed, memory_restart=model_cfg.memory_restart)
     raise ValueError(f"No dataset for model '{model_cfg.model}'.")

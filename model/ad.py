@@ -24,6 +24,11 @@ class ADConfig:
     tf_n_head: int = 4
     tf_dropout: float = 0.1
 
+    @property
+    def schedule(self) -> CompressionSchedule:
+        """The rollout's context rule: when n_transit tokens are held, the oldest half is dropped."""
+        return CompressionSchedule(window=self.n_transit, chunk=self.n_transit - self.n_transit // 2)
+
     def __post_init__(self):
         if self.n_transit < 2:
             raise ValueError(f"AD config does not fit together: n_transit ({self.n_transit}) must be >= 2 (half is dropped)")
@@ -37,8 +42,7 @@ class AD(nn.Module):
         super().__init__()
         self.config = c = config
         self.n_states, self.n_actions, self.n_transit = n_states, n_actions, c.n_transit
-        # the rollout's context rule: when n_transit tokens are held, the oldest half is dropped
-        self.schedule = CompressionSchedule(window=c.n_transit, chunk=c.n_transit - c.n_transit // 2)
+        self.schedule = c.schedule
         self.embed_context = nn.Linear(token_dim(n_states, n_actions), c.tf_n_embd)
         self.embed_ln = nn.LayerNorm(c.tf_n_embd)
         self.pos_emb = nn.Embedding(c.n_transit, c.tf_n_embd)

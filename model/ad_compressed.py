@@ -52,6 +52,11 @@ class CompressedADConfig:
     encoder_dropout: float = 0.0
     latent_write: str = "replace"       # replace | gated
 
+    @property
+    def schedule(self) -> CompressionSchedule:
+        """When the rollout compresses: the one schedule the rollout, the lanes (dataset.py) and the model share."""
+        return CompressionSchedule(window=self.max_uncompressed_length, chunk=self.rollout_compress_length)
+
     def __post_init__(self):
         if self.decoder_max_seq_length is None:
             object.__setattr__(self, "decoder_max_seq_length", self.n_latent + self.max_uncompressed_length)
@@ -165,7 +170,7 @@ class CompressedAD(nn.Module):
         self.config = c = config
         self.n_states, self.n_actions, self.n_latent = n_states, n_actions, c.n_latent
         self.decoder_max_seq_length = c.decoder_max_seq_length
-        self.schedule = CompressionSchedule(window=c.max_uncompressed_length, chunk=c.rollout_compress_length)
+        self.schedule = c.schedule
         self.embed_context = nn.Linear(token_dim(n_states, n_actions), c.tf_n_embd)
         self.embed_ln = nn.LayerNorm(c.tf_n_embd)
         self.encoder = CompressionEncoder.from_config(c)
