@@ -17,7 +17,6 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
@@ -42,12 +41,12 @@ from evaluation import (
     write_results,
 )
 from model import build_model, model_config
-from model.tokens import NO_TARGET
 from utils.errors import RunDirError, UserConfigError
 from utils.io import atomic_torch_save, load_checkpoint
 from utils.lanes import exact_memory, lane_state, memory_staleness, restore_lanes
 from utils.loop import (
     MeanLogs,
+    action_loss,
     cosine_scheduler,
     epoch_batches,
     load_train_state,
@@ -67,19 +66,6 @@ from utils.run import (
     rng_states,
 )
 from utils.stage1 import freeze_stage1, load_stage1
-
-
-def action_loss(model, batch: dict) -> tuple[torch.Tensor, dict, tuple | None]:
-    """Cross-entropy of the predicted actions (NO_TARGET targets are ignored), a flat log dict, and what
-    the model carries into the next step (CompressedAD's lane memory; None for AD)."""
-    out = model(batch)
-    logits, carried = out if isinstance(out, tuple) else (out, None)
-    targets = batch["target_actions"]
-    per_token = F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=NO_TARGET, reduction="none")
-    valid = targets != NO_TARGET
-    loss = per_token.sum() / valid.sum()
-    acc = (logits.argmax(-1) == targets)[valid].float().mean()
-    return loss, {"loss_action": loss.detach(), "acc_action": acc.detach(), "n_targets": valid.sum().float()}, carried
 
 
 def lane_batches(lanes: HistoryLanes, my_lanes: np.ndarray, step: int, device):

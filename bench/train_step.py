@@ -33,8 +33,8 @@ from dataset import HistoryLanes, build_dataset, load_histories
 from env import make_env_spec
 from model import build_model
 from model.tokens import token_dim
-from train import action_loss
 from utils.lanes import exact_memory
+from utils.loop import action_loss
 
 AD_MODEL = {"darkroom": "ad_dr", "dark_key_to_door": "ad_dktd"}
 COMPRESSED_MODEL = {"darkroom": "ad_compressed_dr", "dark_key_to_door": "ad_compressed_dktd"}

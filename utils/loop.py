@@ -1,4 +1,4 @@
-"""The training loop's parts both stages share (train.py, pretrain_encoder.py). Each script's loop body stays in
+"""The training loop's parts both stages share (train.py, pretrain_encoder.py), and stage 2's objective (action_loss). Each
 the script, top-down: batch -> loss -> `optimizer_step` -> logging -> evaluation -> checkpoint."""
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import sys
 from itertools import count
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
+from model.tokens import NO_TARGET
 from utils.errors import TrainingError
 from utils.run import config_as_markdown, cosine_schedule
 
@@ -43,6 +45,19 @@ def load_train_state(ckpt: dict, model, optimizer, scheduler) -> int:
     optimizer.load_state_dict(ckpt["optimizer_state_dict"])
     scheduler.load_state_dict(ckpt["scheduler_state_dict"])
     return int(ckpt["global_step"])
+
+
+def action_loss(model, batch: dict) -> tuple[torch.Tensor, dict, tuple | None]:
+    """Cross-entropy of the predicted actions (NO_TARGET targets are ignored), a flat log dict, and what
+    the model carries into the next step (CompressedAD's lane memory; None for AD)."""
+    out = model(batch)
+    logits, carried = out if isinstance(out, tuple) else (out, None)
+    targets = batch["target_actions"]
+    per_token = F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=NO_TARGET, reduction="none")
+    valid = targets != NO_TARGET
+    loss = per_token.sum() / valid.sum()
+    acc = (logits.argmax(-1) == targets)[valid].float().mean()
+    return loss, {"loss_action": loss.detach(), "acc_action": acc.detach(), "n_targets": valid.sum().float()}, carried
 
 
 def optimizer_step(accelerator, model, optimizer, scheduler, loss: torch.Tensor, max_grad_norm: float, step: int,

@@ -65,8 +65,8 @@ def test_wrong_shape_and_missing_file_give_clear_errors(tmp_path):
 
 
 def test_frozen_encoder_stays_bit_identical_while_decoder_trains():
-    from train import action_loss
     from utils.lanes import exact_memory
+    from utils.loop import action_loss
 
     mcfg = pretrain_cfg(tf_dropout=0.0)
     model = build_model(mcfg, N_STATES, N_ACTIONS)
