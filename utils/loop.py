@@ -1,5 +1,6 @@
-"""The training loop's parts both stages share (train.py, pretrain_encoder.py), and stage 2's objective (action_loss). Each
-the script, top-down: batch -> loss -> `optimizer_step` -> logging -> evaluation -> checkpoint."""
+"""The training loop's parts both stages share (train.py, pretrain_encoder.py), and stage 2's objective (action_loss).
+Each script's loop body stays in the script, top-down: batch -> loss -> `optimizer_step` -> logging -> evaluation ->
+checkpoint."""
 from __future__ import annotations
 
 import sys
