@@ -74,6 +74,11 @@ def lane_batches(lanes: HistoryLanes, my_lanes: np.ndarray, step: int, device):
         yield {k: v.to(device) for k, v in lanes.batch(s, my_lanes).items()}
 
 
+def run_config(cfg: DictConfig) -> dict:
+    """What a checkpoint stores as `config`: the resolved config as plain containers and the dataset it trained on."""
+    return {**plain_config(cfg), "dataset": str(histories_dir(cfg))}
+
+
 def save_checkpoint(path: Path, accelerator, model, optimizer, scheduler, step: int, cfg: DictConfig, lanes: dict | None) -> None:
     """Everything a resume needs: weights, optimizer, scheduler, step, config (plain), every rank's RNG and
     CompressedAD's carried lane memory. Data order needs no state: it is a function of the seed and the step."""
@@ -89,7 +94,7 @@ def save_checkpoint(path: Path, accelerator, model, optimizer, scheduler, step: 
                 "scheduler_state_dict": scheduler.state_dict(),
                 "rng_states": states,
                 "global_step": step,
-                "config": {**plain_config(cfg), "dataset": str(histories_dir(cfg))},
+                "config": run_config(cfg),
                 **({"lanes": lanes} if lanes is not None else {}),
             },
             path,
@@ -232,6 +237,8 @@ def train(cfg: DictConfig) -> dict:
                 f"{lanes.n_streams:,} histories" if lanes else f"{len(train_set):,} training samples")
         print(f"{mcfg.model}: {n_params:,} parameters, {data}, {world} process(es), global batch {mcfg.train_batch_size} -> {run_dir}")
 
+    run_hash = config_hash(run_config(cfg))  # names this run in its eval files (scripts/ reuse only a match)
+
     def evaluate_now(step: int, split: str, full: bool) -> dict:
         """In-context evaluation and held-out loss on one split. Validation (`eval/*`, `val/*`) decides
         every choice; the test tasks (`test/*`, eval/test.json) are evaluated once, at the end."""
@@ -241,7 +248,7 @@ def train(cfg: DictConfig) -> dict:
                                  accelerator.device)
         result = summarize(tasks, spec, rollout)
         result.update(split=split, memory="normal", global_step=step, env=spec.name,
-                      run_config_hash=config_hash({**plain_config(cfg), "dataset": str(histories_dir(cfg))}))
+                      run_config_hash=run_hash)
         loss = held_out_loss(raw, held_out[split], cfg.eval.held_out_streams_per_task, accelerator.device) \
             if cfg.eval.held_out_streams_per_task else {}
         result["held_out"] = loss

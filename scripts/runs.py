@@ -2,6 +2,7 @@
 and summarise results over training seeds with intervals over tasks."""
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -72,12 +73,18 @@ def reusable_eval(run_dir: Path, name: str, checkpoint: Path, **expected) -> boo
     path = Path(run_dir) / "eval" / f"{name}.json"
     if not path.is_file():
         return False
+    result = json.loads(path.read_text())
+    return result.get("run_config_hash") == checkpoint_config_hash(checkpoint, checkpoint.stat().st_mtime_ns) and \
+        all(result.get(k) == v for k, v in expected.items())
+
+
+@functools.lru_cache(maxsize=64)
+def checkpoint_config_hash(checkpoint: Path, mtime_ns: int) -> str:
+    """The config hash of a checkpoint, read once per file version (a comparison asks for it per eval file)."""
     from evaluation import config_hash
     from utils.io import load_checkpoint
 
-    result = json.loads(path.read_text())
-    ckpt_hash = config_hash(load_checkpoint(checkpoint, "checkpoint", required_keys=("config",))["config"])
-    return result.get("run_config_hash") == ckpt_hash and all(result.get(k) == v for k, v in expected.items())
+    return config_hash(load_checkpoint(checkpoint, "checkpoint", required_keys=("config",))["config"])
 
 
 def scalars(run_dir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
