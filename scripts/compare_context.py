@@ -39,6 +39,9 @@ VARIANTS = {
     "darkroom": {
         "ad-w40": ("AD, window 40 (drop-half: 20-40 tokens)", ["model=ad_dr", "model.n_transit=40"]),
         "compressed-ad": ("CompressedAD (carried memory)", ["model=ad_compressed_dr"]),
+        # memory restarts mid-history in training, so clear / truncate are states this model has met
+        "compressed-ad-restart": ("CompressedAD, trained with memory restarts (p=0.1 a compression)",
+                                  ["model=ad_compressed_dr", "model.memory_restart=0.1"]),
         "ad-w240": ("AD, window 240 (drop-half: 120-240 tokens)", ["model=ad_dr", "model.n_transit=240",
                                                                    "model.train_batch_size=16"]),
     },
