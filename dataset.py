@@ -40,7 +40,7 @@ def _plain(cfg) -> dict:
 def histories_key(cfg) -> dict:
     """The part of the config that determines the histories."""
     # noise_seeding: a change of how the histories are drawn that no config key expresses (old datasets are not reused)
-    # env.short_name names files (model=ad_compressed_<short_name>), it does not shape the histories
+    # short_name: an env key of runs made before it was removed (it named files); it never shaped the histories
     env = {k: v for k, v in _plain(cfg.env).items() if k != "short_name"}
     return {"env": env, "algorithm": _plain(cfg.algorithm), "noise_seeding": "per_split"}
 
@@ -266,9 +266,9 @@ class HistoryLanes:
         return self._stream(j), k, start
 
 
-def build_dataset(model_cfg, histories: dict, seed: int = 0) -> ADDataset | HistoryLanes:
-    """The training data a model needs, from its config group: AD's windows (a torch Dataset) or CompressedAD's
-    lanes (`train_batch_size` of them, global)."""
+def build_dataset(model_cfg, training_cfg, histories: dict, seed: int = 0) -> ADDataset | HistoryLanes:
+    """The training data a model needs, from its architecture and training recipe: AD's windows (a torch Dataset)
+    or CompressedAD's lanes (`train_batch_size` of them, global)."""
     if model_cfg.model == "AD":
         return ADDataset(histories, model_cfg.n_transit)
     if model_cfg.model == "CompressedAD":
@@ -276,6 +276,6 @@ def build_dataset(model_cfg, histories: dict, seed: int = 0) -> ADDataset | Hist
             model_config,  # the schedule the model will use: one object, built from its config
         )
 
-        return HistoryLanes(histories, model_config(model_cfg).schedule, model_cfg.train_batch_size,
-                            model_cfg.segments_per_step, seed=seed, memory_restart=model_cfg.memory_restart)
+        return HistoryLanes(histories, model_config(model_cfg).schedule, training_cfg.train_batch_size,
+                            training_cfg.segments_per_step, seed=seed, memory_restart=training_cfg.memory_restart)
     raise ValueError(f"No dataset for model '{model_cfg.model}'.")

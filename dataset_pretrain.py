@@ -2,7 +2,7 @@
 
 `ADCompressedPretrainDataset` samples chains of 1..pretrain_max_depth chunks (no depth 0: there
 is nothing to compress), weighted towards deeper chains, with chunk lengths uniform in
-[min_compress_length, max_compress_length]. Only train goals are used; the last `n_val_streams`
+[pretrain_min_compress_length, max_compress_length]. Only train goals are used; the last `n_val_streams`
 streams of every train goal are held out for validation (`split="val"`), so the reported
 correlation is measured on unseen histories. Draws are counter-based (`utils.hashing`): a sample
 depends on (seed, index) only.
@@ -31,11 +31,11 @@ class ADCompressedPretrainDataset(Dataset):
         self.tokens, _ = stream_tokens({k: (v[:, keep] if isinstance(v, np.ndarray) and v.ndim == 3 else v)
                                         for k, v in histories.items()})
         self.n_streams, self.T = self.tokens.shape[:2]
-        D, lo, hi = model_cfg.pretrain_max_depth, model_cfg.min_compress_length, model_cfg.max_compress_length
+        D, lo, hi = model_cfg.pretrain_max_depth, model_cfg.pretrain_min_compress_length, model_cfg.max_compress_length
         if D < 1:
             raise DatasetError("Encoder pre-training needs model.pretrain_max_depth >= 1.")
         if not 1 <= lo <= hi:
-            raise DatasetError(f"Stage-1 chunk lengths need 1 <= model.min_compress_length ({lo}) <= "
+            raise DatasetError(f"Stage-1 chunk lengths need 1 <= model.pretrain_min_compress_length ({lo}) <= "
                                f"model.max_compress_length ({hi}).")
         if D * hi >= self.T:
             raise DatasetError(f"A depth-{D} chain spans up to {D * hi} steps but streams have {self.T}: lower "

@@ -47,21 +47,21 @@ def evaluate(cfg: DictConfig) -> dict:
     model.load_state_dict(ckpt["model_state_dict"])
     model.to(device)
     tasks = spec.tasks(cfg.split)
-    run_eval = run_cfg.get("eval", {})  # the run's own evaluation sizes, unless given here
-    n_episodes = cfg.n_episodes if cfg.n_episodes is not None else run_eval.get("n_episodes", cfg.eval.n_episodes)
-    n_envs = cfg.n_envs_per_task if cfg.n_envs_per_task is not None else run_eval.get("n_envs_per_task", cfg.eval.n_envs_per_task)
-    rollout = run_in_context(model, spec, tasks, n_episodes, n_envs, cfg.eval.seed, cfg.use_cache, device,
+    run_eval = run_cfg["eval"]  # the run's own evaluation sizes, unless given here
+    n_episodes = cfg.eval.n_episodes if cfg.eval.n_episodes is not None else run_eval["n_episodes"]
+    n_envs = cfg.eval.n_envs_per_task if cfg.eval.n_envs_per_task is not None else run_eval["n_envs_per_task"]
+    rollout = run_in_context(model, spec, tasks, n_episodes, n_envs, cfg.eval.seed, cfg.eval.use_cache, device,
                              cfg.memory, cfg.memory_chunks, cfg.donor, cfg.donor_permutation)
     result = summarize(tasks, spec, rollout)
     result.update(split=cfg.split, memory=cfg.memory, memory_chunks=cfg.memory_chunks if cfg.memory == "truncate" else None,
                   checkpoint=str(cfg.checkpoint), global_step=int(ckpt.get("global_step", -1)), env=run_cfg["env"]["name"],
                   run_config_hash=config_hash(run_cfg))
-    if cfg.memory == "normal" and cfg.held_out_streams_per_task:
+    if cfg.memory == "normal" and cfg.eval.held_out_streams_per_task:
         from dataset import load_histories
 
         try:
             result["held_out"] = held_out_loss(model, load_histories(OmegaConf.create(run_cfg), cfg.split),
-                                               cfg.held_out_streams_per_task, device)
+                                               cfg.eval.held_out_streams_per_task, device)
         except DatasetError as e:  # the rollout needs no dataset; the loss does
             print(f"Held-out loss skipped: {str(e).splitlines()[0]}")
     run_dir = Path(cfg.output_dir) if cfg.get("output_dir") else Path(cfg.checkpoint).parent

@@ -268,8 +268,8 @@ def pretrain_encoder(cfg: DictConfig) -> dict:
 
     set_seed(cfg.seed)
     model = EncoderPretrainModel(spec.n_states, spec.n_actions, mcfg)
-    optimizer = make_optimizer(model, mcfg.pretrain_lr, mcfg.weight_decay, mcfg.betas)
-    scheduler = cosine_scheduler(optimizer, mcfg.pretrain_warmup_steps, mcfg.pretrain_steps, mcfg.min_lr_ratio)
+    optimizer = make_optimizer(model, mcfg.pretrain_lr, mcfg.pretrain_weight_decay, mcfg.pretrain_betas)
+    scheduler = cosine_scheduler(optimizer, mcfg.pretrain_warmup_steps, mcfg.pretrain_steps, mcfg.pretrain_min_lr_ratio)
     generator = torch.Generator()  # reseeded every epoch: the data order is a function of (seed, epoch)
     loader = DataLoader(train_set, batch_size=mcfg.pretrain_batch_size // world, shuffle=True, drop_last=True,
                         collate_fn=collate_pretrain_batch, generator=generator)
@@ -304,7 +304,7 @@ def pretrain_encoder(cfg: DictConfig) -> dict:
     bar = progress_bar(mcfg.pretrain_steps, step, accelerator, "pretrain")
     for batch in epoch_batches(loader, generator, cfg.seed, step, accelerator) if step < mcfg.pretrain_steps else ():
         loss, step_logs = pretrain_loss(model(batch), mcfg.pretrain_mse_weight, mcfg.pretrain_ce_weight)
-        optimizer_step(accelerator, model, optimizer, scheduler, loss, mcfg.max_grad_norm, step, "lower model.pretrain_lr")
+        optimizer_step(accelerator, model, optimizer, scheduler, loss, mcfg.pretrain_max_grad_norm, step, "lower model.pretrain_lr")
         step += 1
         bar.update(1)
         logs.add({**step_logs, "loss": float(loss.detach())})

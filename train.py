@@ -103,7 +103,7 @@ def save_checkpoint(path: Path, accelerator, model, optimizer, scheduler, step: 
 
 
 # config keys a resumed run must share with the run it continues (anything else, e.g. eval settings, may change)
-RESUME_KEYS = ("seed", "env", "algorithm", "model", "mixed_precision")
+RESUME_KEYS = ("seed", "env", "algorithm", "model", "training", "mixed_precision")
 
 
 def resume_state(run_dir: Path, cfg: DictConfig) -> dict:
@@ -133,24 +133,24 @@ def resume_state(run_dir: Path, cfg: DictConfig) -> dict:
 
 def validate_config(cfg: DictConfig, world: int):
     """Refuse values that cannot work together before anything is written; returns the env spec."""
-    mcfg = cfg.model
+    mcfg, tcfg = cfg.model, cfg.training
     try:
         spec = make_env_spec(cfg.env)
         model_config(mcfg)  # the architecture, validated
     except ValueError as e:
         raise UserConfigError(str(e)) from None
     if mcfg.model == "CompressedAD":  # the lane recipe
-        steps = mcfg.segments_per_step
+        steps = tcfg.segments_per_step
         if steps is not None and steps < 1:
-            raise UserConfigError(f"model.segments_per_step ({steps}) must be >= 1, or null (whole histories).")
-        if not 0 <= mcfg.memory_restart <= 1:
-            raise UserConfigError(f"model.memory_restart ({mcfg.memory_restart}) must be a probability in [0, 1].")
-    if mcfg.train_batch_size < world or mcfg.train_batch_size % world:
+            raise UserConfigError(f"training.segments_per_step ({steps}) must be >= 1, or null (whole histories).")
+        if not 0 <= tcfg.memory_restart <= 1:
+            raise UserConfigError(f"training.memory_restart ({tcfg.memory_restart}) must be a probability in [0, 1].")
+    if tcfg.train_batch_size < world or tcfg.train_batch_size % world:
         raise UserConfigError(
-            f"model.train_batch_size={mcfg.train_batch_size} must be a positive multiple of the number of processes ({world})."
+            f"training.train_batch_size={tcfg.train_batch_size} must be a positive multiple of the number of processes ({world})."
         )
-    if mcfg.num_warmup_steps < 1 or mcfg.train_timesteps < 1:
-        raise UserConfigError("model.num_warmup_steps and model.train_timesteps must be >= 1.")
+    if tcfg.num_warmup_steps < 1 or tcfg.train_timesteps < 1:
+        raise UserConfigError("training.num_warmup_steps and training.train_timesteps must be >= 1.")
     if cfg.resume and cfg.mixed_precision == "fp16":
         raise UserConfigError("resume=true is refused under mixed_precision=fp16: the loss scaler's state is not checkpointed "
                               "and skipped steps would shift the schedule, so the resume would not be exact. Use bf16 or no.")
@@ -183,10 +183,10 @@ def attach_pretrained_encoder(model, mcfg, env_cfg, verbose: bool) -> str:
 def train(cfg: DictConfig) -> dict:
     # CompressedAD leaves parameters unused in some batches (L_0 where no lane starts a history)
     accelerator = make_accelerator(cfg.mixed_precision, find_unused_parameters=cfg.model.model == "CompressedAD")
-    mcfg = cfg.model
+    mcfg, tcfg = cfg.model, cfg.training
     world = accelerator.num_processes
     spec = validate_config(cfg, world)
-    train_set = build_dataset(mcfg, load_histories(cfg, "train"), seed=cfg.seed)
+    train_set = build_dataset(mcfg, tcfg, load_histories(cfg, "train"), seed=cfg.seed)
     lanes = train_set if isinstance(train_set, HistoryLanes) else None
     held_out = {split: load_histories(cfg, split) for split in dict.fromkeys(("val", *cfg.final_eval_splits))}  # each split read once
     metadata = load_metadata(cfg)
@@ -195,12 +195,12 @@ def train(cfg: DictConfig) -> dict:
     model = build_model(mcfg, spec.n_states, spec.n_actions)
     stage1_note = attach_pretrained_encoder(model, mcfg, cfg.env, accelerator.is_main_process)
     run_dir = prepare_run_dir(cfg, accelerator)  # only now that every input has been checked
-    optimizer = make_optimizer(model, mcfg.lr, mcfg.weight_decay, mcfg.betas)
-    scheduler = cosine_scheduler(optimizer, mcfg.num_warmup_steps, mcfg.train_timesteps, mcfg.min_lr_ratio)
+    optimizer = make_optimizer(model, tcfg.lr, tcfg.weight_decay, tcfg.betas)
+    scheduler = cosine_scheduler(optimizer, tcfg.num_warmup_steps, tcfg.train_timesteps, tcfg.min_lr_ratio)
     loader = generator = None
     if lanes is None:
         generator = torch.Generator()  # reseeded every epoch: the data order is a function of (seed, epoch)
-        loader = DataLoader(train_set, batch_size=mcfg.train_batch_size // world, shuffle=True, drop_last=True,
+        loader = DataLoader(train_set, batch_size=tcfg.train_batch_size // world, shuffle=True, drop_last=True,
                             collate_fn=collate_batched, generator=generator)
     step = 0
     resumed = resume_state(run_dir, cfg) if cfg.resume else None
@@ -235,7 +235,7 @@ def train(cfg: DictConfig) -> dict:
             writer.add_text("pretrained_encoder", stage1_note)
         data = (f"{lanes.n_lanes} lanes x {lanes.segments_per_step} of {lanes.n_segments} segments a step, "
                 f"{lanes.n_streams:,} histories" if lanes else f"{len(train_set):,} training samples")
-        print(f"{mcfg.model}: {n_params:,} parameters, {data}, {world} process(es), global batch {mcfg.train_batch_size} -> {run_dir}")
+        print(f"{mcfg.model}: {n_params:,} parameters, {data}, {world} process(es), global batch {tcfg.train_batch_size} -> {run_dir}")
 
     run_hash = config_hash(run_config(cfg))  # names this run in its eval files (scripts/ reuse only a match)
 
@@ -270,22 +270,22 @@ def train(cfg: DictConfig) -> dict:
     model.train()
     result, t_start, start_step = {}, time.perf_counter(), step
     logs = MeanLogs()
-    bar = progress_bar(mcfg.train_timesteps, step, accelerator, "train")
-    for batch in batches if step < mcfg.train_timesteps else ():
+    bar = progress_bar(tcfg.train_timesteps, step, accelerator, "train")
+    for batch in batches if step < tcfg.train_timesteps else ():
         if cfg.log_first_batch and step == 0:
             print(f"BATCH {json.dumps({'rank': accelerator.process_index, 'index': batch['index'].flatten().tolist()})}", flush=True)
         if carried is not None:
             batch["memory"], batch["memory_empty"] = carried
         loss, step_logs, carried_out = action_loss(model, batch)
-        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, loss, mcfg.max_grad_norm, step,
-                                   f"lower model.lr or use mixed_precision=no ({run_dir})")
+        grad_norm = optimizer_step(accelerator, model, optimizer, scheduler, loss, tcfg.max_grad_norm, step,
+                                   f"lower training.lr or use mixed_precision=no ({run_dir})")
         if carried is not None:
             carried = (carried_out[0].float().contiguous(), carried_out[1])
         step += 1
         bar.update(1)
 
         logs.add(step_logs)
-        if step % cfg.log_interval == 0 or step == mcfg.train_timesteps:
+        if step % cfg.log_interval == 0 or step == tcfg.train_timesteps:
             n_logged = logs.n
             means = logs.reduce(accelerator, ("loss_action", "acc_action"), summed=("n_targets",))
             n_targets = means.pop("n_targets")
@@ -302,7 +302,7 @@ def train(cfg: DictConfig) -> dict:
                 writer.add_scalar("train/targets_per_step", n_targets / n_logged, step)
             bar.set_postfix(loss=f"{means['loss_action']:.3f}", acc=f"{means['acc_action']:.3f}", refresh=False)
 
-        final = step == mcfg.train_timesteps
+        final = step == tcfg.train_timesteps
         if cfg.eval_interval and step % cfg.eval_interval == 0 or final:
             if accelerator.is_main_process:
                 for split in cfg.final_eval_splits if final else ("val",):

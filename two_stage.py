@@ -4,9 +4,9 @@
                         [--num-processes N] [--dry-run] [hydra overrides ...]
 
 Runs, in order: collect.py (a no-op when the dataset exists), stage 1 (pretrain_encoder.py), stage 2
-(train.py with the env's CompressedAD, model=ad_compressed_<env.short_name>, and the stage-1 checkpoint
-as an override), and evaluate.py on the test tasks. Stages 1 and 2 go through `accelerate launch --config_file accelerate_config.yaml`.
-The Hydra overrides reach every stage. A failing stage stops the chain with its exit code.
+(train.py with CompressedAD, model=ad_compressed_dr, and the stage-1 checkpoint as an override), and
+evaluate.py on the test tasks. Stages 1 and 2 go through `accelerate launch --config_file accelerate_config.yaml`.
+Each Hydra override reaches the stages it applies to, by its prefix (`ROUTES`). A failing stage stops the chain with its exit code.
 """
 from __future__ import annotations
 
@@ -52,10 +52,50 @@ def composed(config_name: str, overrides: list[str]):
         return compose(config_name=config_name, overrides=overrides)
 
 
+STAGES = ("collect", "pretrain_encoder", "train", "evaluate")
+# override prefix -> the stages it applies to (the first match wins; evaluate reads env and model from the checkpoint)
+ROUTES = (
+    ("experiment=", STAGES),
+    ("env=", STAGES[:3]), ("env.", STAGES[:3]), ("algorithm=", STAGES[:3]), ("algorithm.", STAGES[:3]),
+    ("model.pretrain_", ("pretrain_encoder",)),   # stage 1's settings (config/model/pretrain_encoder.yaml)
+    ("model.", ("pretrain_encoder", "train")),      # the architecture both stages build
+    ("training.", ("train",)),                      # stage 2's recipe (config/training/compressed_ad.yaml)
+    ("eval.", ("train", "evaluate")),
+)
+MODEL = "model=ad_compressed_dr"  # stage 2's model, on every env
+
+
+def config_keys(path: Path) -> set[str]:
+    from omegaconf import OmegaConf
+
+    return {k for k in OmegaConf.load(path) if k != "defaults"}
+
+
+def stages_for(override: str) -> tuple[str, ...]:
+    """The stages an override applies to, by its key's prefix; for a top-level key, the scripts whose config declares
+    it. An override no stage knows (a typo) is an error, so nothing is dropped silently."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    if key == "model":
+        raise SystemExit(f"Error: {override}: the wrappers train CompressedAD ({MODEL}); set its keys with model.<key>=...")
+    for prefix, stages in ROUTES:
+        if (key + "=").startswith(prefix) if prefix.endswith("=") else key.startswith(prefix):
+            group, _, leaf = key.partition(".")
+            known = {"model": (ROOT / "config/model/ad_compressed_dr.yaml", ROOT / "config/model/pretrain_encoder.yaml"),
+                     "training": (ROOT / "config/training/compressed_ad.yaml",)}.get(group)
+            if known and not override.startswith("+") and leaf.split(".")[0] not in set().union(*map(config_keys, known)):
+                break
+            return stages
+    else:
+        common = config_keys(ROOT / "config/common.yaml")
+        stages = tuple(s for s in STAGES if key in common | config_keys(ROOT / f"config/{s}.yaml"))
+        if stages:
+            return stages
+    raise SystemExit(f"Error: no stage has a config key for {override!r}; check the spelling (python train.py --cfg job "
+                     f"lists the keys).")
+
+
 def plan(args, overrides: list[str]) -> list[list[str]]:
-    """The stage commands, in order. Each stage gets the overrides its config has keys for (collect.py has
-    no model; stage-1 keys such as model.pretrain_steps do not exist in stage 2); an override that no
-    stage knows is an error, so a typo is never dropped silently."""
+    """The stage commands, in order; each stage gets the overrides that apply to it (`stages_for`)."""
     if args.num_processes is None:
         import torch
 
@@ -63,12 +103,8 @@ def plan(args, overrides: list[str]) -> list[list[str]]:
     py = sys.executable
     launch = [py, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_config.yaml"),
               "--num_processes", str(args.num_processes), *cpu_threads(args.num_processes)]
-    used = set()
-
-    def keep(config_name, base=()):
-        kept = overrides_for(config_name, overrides, list(base))
-        used.update(kept)
-        return kept
+    routed = {o: stages_for(o) for o in overrides}
+    keep = lambda stage: [o for o in overrides if stage in routed[o]]
 
     stages = [[py, str(ROOT / "collect.py"), *keep("collect")]]
     pretrained = args.pretrained_path
@@ -79,8 +115,7 @@ def plan(args, overrides: list[str]) -> list[list[str]]:
             pcfg = composed("pretrain_encoder", stage1)
             pretrained = str(Path(pcfg.run_root) / pcfg.run_name / "encoder-pretrained-final.pt")
     if not args.pretrain_only:
-        model = f"model=ad_compressed_{composed('collect', [o for o in overrides if o.startswith('env=')]).env.short_name}"
-        stage2 = [model, *keep("train", [model])]
+        stage2 = [MODEL, *keep("train")]
         if pretrained:
             stage2.append(f"model.pretrained_encoder_path={pretrained}")
         if args.freeze_encoder:
@@ -88,10 +123,7 @@ def plan(args, overrides: list[str]) -> list[list[str]]:
         stages.append([*launch, str(ROOT / "train.py"), *stage2])
         tcfg = composed("train", stage2)
         checkpoint = Path(tcfg.run_root) / tcfg.run_name / "checkpoint-final.pt"
-        stages.append([py, str(ROOT / "evaluate.py"), f"checkpoint={checkpoint}", *keep("evaluate", ["checkpoint=x"])])
-    unknown = [o for o in overrides if o not in used]
-    if unknown:
-        raise SystemExit(f"Error: no stage has a config key for {unknown}; check the spelling (python train.py --cfg job lists the keys).")
+        stages.append([py, str(ROOT / "evaluate.py"), f"checkpoint={checkpoint}", *keep("evaluate")])
     return stages
 
 
@@ -106,24 +138,6 @@ def cpu_threads(num_processes: int) -> list[str]:
     if torch.cuda.is_available() or os.environ.get("OMP_NUM_THREADS"):
         return []
     return ["--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // num_processes))]
-
-
-def overrides_for(config_name: str, overrides: list[str], base: list[str]) -> list[str]:
-    """The overrides whose key exists in `config_name` composed with `base` (and `++key` ones, which add keys)."""
-    from omegaconf import OmegaConf
-
-    # evaluate.py reads env and algorithm from the checkpoint: its config has no such groups
-    group_keys = ("experiment",) if config_name == "evaluate" else ("experiment", "env", "algorithm")
-    groups = [o for o in overrides if o.split("=", 1)[0] in group_keys]
-    cfg = composed(config_name, [*base, *groups])
-    absent = object()  # a key set to null is present
-    kept = []
-    for o in overrides:
-        key = o.split("=", 1)[0]
-        if key.startswith("++") or key in group_keys \
-                or OmegaConf.select(cfg, key.lstrip("+~"), default=absent) is not absent:
-            kept.append(o)
-    return kept
 
 
 def main(argv=None) -> int:

@@ -29,13 +29,13 @@ def greedy_random_tiebreak(q: np.ndarray, rng: np.random.Generator) -> np.ndarra
 
 def run_q_learning(spec: GridTaskSpec, tasks: np.ndarray, cfg, rng: np.random.Generator, env_seed: int = 0,
                    noise_seed=None) -> dict:
-    """Run one Q-learner per row of `tasks` for `cfg.n_episodes` episodes.
+    """Run one Q-learner per row of `tasks` for `cfg.n_episodes_per_stream` episodes.
 
     Returns arrays of shape [n_streams, n_episodes * horizon]: `states`, `actions`, `rewards`,
     `next_states`, `noise` (bool: a noise action, not the source's), plus `episode_returns` [n_streams, n_episodes].
     """
     n_streams, n_actions, horizon = len(tasks), spec.n_actions, spec.horizon
-    n_episodes = int(cfg["n_episodes"])
+    n_episodes = int(cfg["n_episodes_per_stream"])
     gamma, alpha = float(cfg["gamma"]), float(cfg["alpha"])
     q = np.full((n_streams, spec.n_learner_states, n_actions), float(cfg["q_init"]))
     env = spec.batched(tasks, seed=env_seed)

@@ -14,7 +14,7 @@ import numpy as np
 from algorithm.q_learning import run_q_learning
 from env import ACTION_DELTAS, DarkroomSpec
 
-CFG = dict(n_episodes=60, gamma=0.9, alpha=1.0, q_init=6.0, epsilon_start=0.1, epsilon_end=0.0,
+CFG = dict(n_episodes_per_stream=60, gamma=0.9, alpha=1.0, q_init=6.0, epsilon_start=0.1, epsilon_end=0.0,
            epsilon_decay_episodes=40, n_replay_sweeps=3)
 
 
@@ -23,7 +23,7 @@ def per_stream_loop(goal, grid_size=9, horizon=20, rng=None) -> int:
     q = np.full((grid_size * grid_size, 5), CFG["q_init"])
     centre = grid_size // 2
     steps = 0
-    for episode in range(CFG["n_episodes"]):
+    for episode in range(CFG["n_episodes_per_stream"]):
         eps = CFG["epsilon_start"] + min(1.0, episode / CFG["epsilon_decay_episodes"]) * (CFG["epsilon_end"] - CFG["epsilon_start"])
         r_, c_ = centre, centre
         episode_transitions = []

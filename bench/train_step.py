@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 from hydra import compose, initialize_config_dir
@@ -36,9 +36,6 @@ from model.tokens import token_dim
 from utils.lanes import exact_memory
 from utils.loop import action_loss
 
-AD_MODEL = {"darkroom": "ad_dr", "dark_key_to_door": "ad_dktd"}
-COMPRESSED_MODEL = {"darkroom": "ad_compressed_dr", "dark_key_to_door": "ad_compressed_dktd"}
-
 
 def cfg_for(env: str, model: str, *extra: str):
     with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
@@ -49,7 +46,7 @@ def project_step(cfg, at_segment: int | None = None):
     """A train.py step of this config on its real dataset; returns a function that runs one and gives its targets.
     at_segment: every CompressedAD lane reads its segments from there on (None: the lanes' own staggered starts)."""
     spec = make_env_spec(cfg.env)
-    data = build_dataset(cfg.model, load_histories(cfg, "train"))
+    data = build_dataset(cfg.model, cfg.training, load_histories(cfg, "train"))
     model = build_model(cfg.model, spec.n_states, spec.n_actions)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
@@ -68,7 +65,7 @@ def project_step(cfg, at_segment: int | None = None):
                 state["carried"] = (state["carried"][0], torch.zeros(len(lanes), dtype=torch.bool))  # a memory to compress
             batch["memory"], batch["memory_empty"] = state["carried"]
         else:
-            batch = data.__getitems__(rng.integers(0, len(data), cfg.model.train_batch_size))
+            batch = data.__getitems__(rng.integers(0, len(data), cfg.training.train_batch_size))
         loss, logs, carried = action_loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -127,16 +124,16 @@ def main() -> None:
     print(f"{torch.get_num_threads()} threads, median of {args.steps} interleaved rounds per env")
     per_target = {}
     for env in args.envs:
-        ad, cad = AD_MODEL[env], COMPRESSED_MODEL[env]
+        ad, cad = "ad_dr", "ad_compressed_dr"  # the model files serve every env
         cfgs = {
             "AD, window 40": cfg_for(env, ad, "model.n_transit=40"),
-            "AD, window 240": cfg_for(env, ad, "model.n_transit=240", "model.train_batch_size=16"),
+            "AD, window 240": cfg_for(env, ad, "model.n_transit=240", "training.train_batch_size=16"),
             "CompressedAD (preset)": cfg_for(env, cad, *extra),
-            "CompressedAD, 16 lanes x 6": cfg_for(env, cad, "model.train_batch_size=16", "model.segments_per_step=6", *extra),
+            "CompressedAD, 16 lanes x 6": cfg_for(env, cad, "training.train_batch_size=16", "training.segments_per_step=6", *extra),
         }
         steps = {name: project_step(cfg) for name, cfg in cfgs.items()}
-        n_segments = build_dataset(cfgs["CompressedAD (preset)"].model, load_histories(cfgs["AD, window 40"], "train")).n_segments
-        S = cfgs["CompressedAD (preset)"].model.segments_per_step
+        n_segments = build_dataset(cfgs["CompressedAD (preset)"].model, cfgs["CompressedAD (preset)"].training, load_histories(cfgs["AD, window 40"], "train")).n_segments
+        S = cfgs["CompressedAD (preset)"].training.segments_per_step
         # both past episode 10, where source noise (context, never a target) begins; the last segment is short
         steps["CompressedAD, shallow"] = project_step(cfgs["CompressedAD (preset)"], at_segment=10)
         steps["CompressedAD, deep"] = project_step(cfgs["CompressedAD (preset)"], at_segment=n_segments - 1 - S)

@@ -29,17 +29,16 @@ from scripts.runs import (
     write_table,
 )
 
-MODEL = {"darkroom": "ad_compressed_dr", "dark_key_to_door": "ad_compressed_dktd"}
 # slug -> (label, overrides); `whole` takes as many targets as `lanes`: 4 histories x ~1720 targets a step on Darkroom
 VARIANTS = {
     "lanes": ("stream lanes (96 x 1 segment a step, memory carried)", []),
-    "whole": ("whole histories (4 a step, nothing carried)", ["model.segments_per_step=null", "model.train_batch_size=4"]),
+    "whole": ("whole histories (4 a step, nothing carried)", ["training.segments_per_step=null", "training.train_batch_size=4"]),
 }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--env", default="darkroom", choices=sorted(MODEL))
+    p.add_argument("--env", default="darkroom", choices=["darkroom", "dark_key_to_door"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--whole-steps", type=int, default=840, help="whole: optimizer steps (840 x 4 histories ~ lanes' targets)")
     p.add_argument("--eval-points", type=int, default=4, help="validation evaluations during training")
@@ -51,13 +50,13 @@ def main() -> None:
     rows, curves = [], {}
     for slug, (label, overrides) in VARIANTS.items():
         if slug == "whole":
-            overrides = [*overrides, f"model.train_timesteps={args.whole_steps}", "model.num_warmup_steps=40"]
+            overrides = [*overrides, f"training.train_timesteps={args.whole_steps}", "training.num_warmup_steps=40"]
         results, train = [], []
         for seed in args.seeds:
             run_dir = ROOT / "runs" / f"compare-carry-{args.env}-{slug}-seed{seed}"
             steps = args.whole_steps if slug == "whole" else None
             interval = [f"eval_interval={steps // args.eval_points}", f"save_interval={steps // args.eval_points}"] if steps else []
-            train_overrides = [*env, f"model={MODEL[args.env]}", *overrides, *interval, f"seed={seed}",
+            train_overrides = [*env, "model=ad_compressed_dr", *overrides, *interval, f"seed={seed}",
                                f"run_name={run_dir.name}", "final_eval_splits=[val]", *extra]
             if not reuse_run(run_dir / "checkpoint-final.pt", "train", train_overrides):
                 run("train.py", *train_overrides)

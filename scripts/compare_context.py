@@ -41,16 +41,16 @@ VARIANTS = {
         "compressed-ad": ("CompressedAD (carried memory)", ["model=ad_compressed_dr"]),
         # memory restarts mid-history in training, so clear / truncate are states this model has met
         "compressed-ad-restart": ("CompressedAD, trained with memory restarts (p=0.1 a compression)",
-                                  ["model=ad_compressed_dr", "model.memory_restart=0.1"]),
+                                  ["model=ad_compressed_dr", "training.memory_restart=0.1"]),
         "ad-w240": ("AD, window 240 (drop-half: 120-240 tokens)", ["model=ad_dr", "model.n_transit=240",
-                                                                   "model.train_batch_size=16"]),
+                                                                   "training.train_batch_size=16"]),
     },
     "dark_key_to_door": {
-        "ad-w40": ("AD, window 40 (drop-half: 20-40 tokens)", ["model=ad_dktd", "model.n_transit=40"]),
-        "ad-w50": ("AD, window 50 = 1 episode (drop-half: 25-50)", ["model=ad_dktd", "model.n_transit=50"]),
-        "compressed-ad": ("CompressedAD (carried memory)", ["model=ad_compressed_dktd"]),
-        "ad-w200": ("AD, window 200 = 4 episodes (drop-half: 100-200)", ["model=ad_dktd", "model.n_transit=200",
-                                                                          "model.train_batch_size=16"]),
+        "ad-w40": ("AD, window 40 (drop-half: 20-40 tokens)", ["model=ad_dr", "model.n_transit=40"]),
+        "ad-w50": ("AD, window 50 = 1 episode (drop-half: 25-50)", ["model=ad_dr", "model.n_transit=50"]),
+        "compressed-ad": ("CompressedAD (carried memory)", ["model=ad_compressed_dr"]),
+        "ad-w200": ("AD, window 200 = 4 episodes (drop-half: 100-200)", ["model=ad_dr", "model.n_transit=200",
+                                                                          "training.train_batch_size=16"]),
     },
 }
 # CompressedAD's memory tests: (column, evaluate.py settings; a test with several is averaged over them)
@@ -144,8 +144,8 @@ def main() -> None:
                 split = args.splits[-1]
                 name = f"{split}-{args.long_episodes}ep"
                 if not reusable_eval(run_dir, name, ckpt, n_episodes=args.long_episodes):
-                    run("evaluate.py", f"checkpoint={ckpt}", f"split={split}", f"n_episodes={args.long_episodes}", f"name={name}",
-                        "held_out_streams_per_task=0")
+                    run("evaluate.py", f"checkpoint={ckpt}", f"split={split}", f"eval.n_episodes={args.long_episodes}", f"name={name}",
+                        "eval.held_out_streams_per_task=0")
                 long_results.append((results[split][-1], eval_result(run_dir, name)))
         for split in args.splits:
             per_variant[split][slug] = results[split]

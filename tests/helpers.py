@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from env import (
     make_env_spec,
@@ -22,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "experiment=quick",
     "algorithm.n_streams_per_task=2",
-    "algorithm.n_episodes=10",
+    "algorithm.n_episodes_per_stream=10",
     "eval.n_episodes=3",
     "eval.n_envs_per_task=2",
     "eval.held_out_streams_per_task=1",
@@ -30,10 +29,10 @@ TINY = [
 
 
 TINY_TRAIN = {
-    "ad_dr": ["model=ad_dr", "model.n_transit=20", "model.train_timesteps=6", "model.train_batch_size=4",
+    "ad_dr": ["model=ad_dr", "model.n_transit=20", "training.train_timesteps=6", "training.train_batch_size=4",
               "model.tf_n_layer=1", "log_interval=2", "eval_interval=0", "save_interval=3"],
-    "ad_compressed_dr": ["model=ad_compressed_dr", "model.train_timesteps=6", "model.train_batch_size=4",
-                         "model.segments_per_step=2", "model.tf_n_layer=1", "model.encoder_n_layer=1", "log_interval=2",
+    "ad_compressed_dr": ["model=ad_compressed_dr", "training.train_timesteps=6", "training.train_batch_size=4",
+                         "training.segments_per_step=2", "model.tf_n_layer=1", "model.encoder_n_layer=1", "log_interval=2",
                          "eval_interval=0", "save_interval=3"],
 }
 
@@ -84,8 +83,8 @@ def random_tokens(B, T, seed=0):
 
 
 def compressed_cfg(**over):
-    cfg = OmegaConf.load(ROOT / "config/model/ad_compressed_dr.yaml")
-    cfg.merge_with(OmegaConf.load(ROOT / "config/experiment_model/quick_ad_compressed_dr.yaml").model)
+    """CompressedAD's architecture group at the quick sizes, smaller still, with `over` merged in."""
+    cfg = compose_cfg("train", ["experiment=quick", "model=ad_compressed_dr"]).model
     cfg.merge_with(dict(tf_n_layer=2, encoder_n_layer=1, **over))
     return cfg
 

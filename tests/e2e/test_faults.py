@@ -42,7 +42,7 @@ def train_args(tiny_data, runs, name, model="ad_dr"):
     return [*tiny_data, f"run_root={runs}", *TINY_TRAIN[model], *RESUMABLE, f"run_name={name}"]
 
 
-RESUMABLE = ["model.train_timesteps=40", "save_interval=10", "log_interval=5", "model.tf_dropout=0.1"]
+RESUMABLE = ["training.train_timesteps=40", "save_interval=10", "log_interval=5", "model.tf_dropout=0.1"]
 
 
 @pytest.mark.parametrize("model", ["ad_dr", "ad_compressed_dr"])
@@ -92,7 +92,7 @@ def test_compressed_ad_resume_refuses_another_lane_layout(tiny_data, tmp_path):
     
     runs = tmp_path / "runs"
     run_script("train.py", *train_args(tiny_data, runs, "c", "ad_compressed_dr"))
-    for override in ("model.train_batch_size=8", "model.segments_per_step=1", "model.memory_restart=0.5"):
+    for override in ("training.train_batch_size=8", "training.segments_per_step=1", "training.memory_restart=0.5"):
         out = run_script("train.py", *train_args(tiny_data, runs, "c", "ad_compressed_dr"), "resume=true", override, check=False)
         assert out.returncode == 1 and override.split("=")[0] in out.stderr and "Traceback" not in out.stderr, override
     # the checkpoint's own lane layout is checked too (history length, streams), naming what differs
@@ -122,11 +122,11 @@ def test_kill_during_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("overrides,message", [
     (["model=ad_compressed_dr", "model.n_latent=50", "model.decoder_max_seq_length=56"], "exceeds decoder_max_seq_length"),
-    (["model=ad_compressed_dr", "model.segments_per_step=0"], "segments_per_step (0) must be >= 1"),
-    (["model=ad_compressed_dr", "model.train_batch_size=0"], "train_batch_size=0 must be a positive multiple"),
+    (["model=ad_compressed_dr", "training.segments_per_step=0"], "segments_per_step (0) must be >= 1"),
+    (["model=ad_compressed_dr", "training.train_batch_size=0"], "train_batch_size=0 must be a positive multiple"),
     (["model=ad_compressed_dr", "model.rollout_compress_length=41"], "rollout_compress_length (41) must be <="),
     (["model=ad_dr", "env.val_env_ratio=0.0"], "validation tasks"),
-    (["model=ad_dr", "model.train_batch_size=0"], "train_batch_size=0 must be a positive multiple"),
+    (["model=ad_dr", "training.train_batch_size=0"], "train_batch_size=0 must be a positive multiple"),
     (["model=ad_dr", "model.model=GPT"], "Unknown model 'GPT'"),
     (["model=ad_dr", "env.name=lightroom"], "Unknown env name"),
     (["model=ad_dr", "env.horizon=10"], "another env config"),
@@ -174,8 +174,8 @@ def test_pretrain_sigkill_then_resume_equals_uninterrupted(tiny_data, tmp_path):
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_data, tmp_path):
     runs = tmp_path / "runs"
-    args = [*tiny_data, f"run_root={runs}", *TINY_TRAIN["ad_dr"], "model.train_timesteps=20", "save_interval=1",
-            "model.lr=1e30", "model.num_warmup_steps=1", "run_name=diverged"]
+    args = [*tiny_data, f"run_root={runs}", *TINY_TRAIN["ad_dr"], "training.train_timesteps=20", "save_interval=1",
+            "training.lr=1e30", "training.num_warmup_steps=1", "run_name=diverged"]
     out = run_script("train.py", *args, check=False)
     assert out.returncode == 1 and "Loss is" in out.stderr and "at step" in out.stderr and "Traceback" not in out.stderr
     saved = sorted(runs.glob("diverged/checkpoint-step*.pt"))

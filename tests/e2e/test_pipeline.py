@@ -62,7 +62,7 @@ def test_collect_train_evaluate_end_to_end(tiny_data, tmp_path, model):
         result = json.loads((run_dir / "eval" / f"{split}.json").read_text())
         assert result["split"] == split and len(result["tasks"]) == 8 and "held_out" in result
 
-    out = run_script("evaluate.py", f"checkpoint={run_dir / 'checkpoint-final.pt'}", "n_episodes=4", "n_envs_per_task=2")
+    out = run_script("evaluate.py", f"checkpoint={run_dir / 'checkpoint-final.pt'}", "eval.n_episodes=4", "eval.n_envs_per_task=2")
     result = json.loads((run_dir / "eval" / "test.json").read_text())
     assert len(result["tasks"]) == 8 and len(result["returns"]) == 8 and len(result["returns"][0]) == 4
     assert len(result["mean_return_per_episode"]) == 4 and 0 <= result["fraction_of_optimal_last10"] <= 1
@@ -75,7 +75,7 @@ def test_collect_train_evaluate_end_to_end(tiny_data, tmp_path, model):
         assert "n_compressions" in result and result["peak_decoder_length"] <= 56
         for memory in (["memory=clear"], ["memory=transplant"], ["memory=transplant", "donor=same_task"],
                        ["memory=transplant", "donor_permutation=1"], ["memory=truncate"]):
-            run_script("evaluate.py", f"checkpoint={run_dir / 'checkpoint-final.pt'}", "n_episodes=4", "n_envs_per_task=1",
+            run_script("evaluate.py", f"checkpoint={run_dir / 'checkpoint-final.pt'}", "eval.n_episodes=4", "eval.n_envs_per_task=1",
                        *memory, "split=val")
         names = sorted(p.name for p in (run_dir / "eval").glob("*.json"))
         assert names == ["test.json", "val-memory-clear.json", "val-memory-transplant-other_task0.json",
@@ -98,14 +98,13 @@ def test_key_to_door_collect_train_evaluate_end_to_end(tmp_path):
     tiny = [*TINY, "env=dark_key_to_door", "env.n_train_tasks=6", "env.n_eval_tasks=3"]
     out = run_script("collect.py", *data, *tiny)
     assert "dark_key_to_door" in out.stdout
-    for model in ("ad_dktd", "ad_compressed_dktd"):
-        recipe = TINY_TRAIN["ad_dr" if model == "ad_dktd" else "ad_compressed_dr"]
-        args = [*data, *tiny, *[o for o in recipe if not o.startswith("model=")], f"model={model}", f"run_name={model}"]
+    for model in ("ad_dr", "ad_compressed_dr"):
+        args = [*data, *tiny, *TINY_TRAIN[model], f"run_name={model}"]
         run_script("train.py", *args)
         run_dir = tmp_path / "runs" / model
         ckpt = torch.load(run_dir / "checkpoint-final.pt", weights_only=True)
         assert ckpt["config"]["env"]["name"] == "dark_key_to_door"
-        run_script("evaluate.py", f"checkpoint={run_dir / 'checkpoint-final.pt'}", "n_episodes=3", "n_envs_per_task=2")
+        run_script("evaluate.py", f"checkpoint={run_dir / 'checkpoint-final.pt'}", "eval.n_episodes=3", "eval.n_envs_per_task=2")
         result = json.loads((run_dir / "eval" / "test.json").read_text())
         assert len(result["tasks"]) == 3 and len(result["tasks"][0]) == 4 and result["env"] == "dark_key_to_door"
         assert result["mean_optimal_return"] == 2.0 and 0 <= result["door_rate"] <= result["key_rate"] <= 1
@@ -114,7 +113,7 @@ def test_key_to_door_collect_train_evaluate_end_to_end(tmp_path):
         default = json.loads((run_dir / "eval" / "default-sizes.json").read_text())
         assert default["n_envs_per_task"] == ckpt["config"]["eval"]["n_envs_per_task"] == 2
         assert default["n_episodes"] == ckpt["config"]["eval"]["n_episodes"] == 3
-        assert compose_cfg("evaluate", ["checkpoint=x"]).eval.n_envs_per_task == 32  # so not evaluate.yaml's own default
+        assert compose_cfg("evaluate", ["checkpoint=x"]).eval.n_envs_per_task is None  # null in evaluate.yaml: the run's own
     # a Darkroom run pointed at the Key-to-Door dataset is refused, naming the env
     dktd_data = histories_dir(compose_cfg("collect", [*data, *tiny]))
     out = run_script("train.py", *data, *TINY, *TINY_TRAIN["ad_dr"], f"dataset_path={dktd_data}", "run_name=x", check=False)
@@ -127,7 +126,7 @@ def test_compiled_training_saves_plain_weights(tiny_data, tmp_path):
     run_script("train.py", *tiny_data, f"run_root={runs}", *TINY_TRAIN["ad_dr"], "run_name=compiled", "compile=true", timeout=600)
     ckpt = torch.load(runs / "compiled" / "checkpoint-final.pt", weights_only=True)
     assert not any(k.startswith("_orig_mod") for k in ckpt["model_state_dict"])
-    run_script("evaluate.py", f"checkpoint={runs / 'compiled' / 'checkpoint-final.pt'}", "n_episodes=2", "n_envs_per_task=1")
+    run_script("evaluate.py", f"checkpoint={runs / 'compiled' / 'checkpoint-final.pt'}", "eval.n_episodes=2", "eval.n_envs_per_task=1")
 
 
 def test_missing_dataset_names_the_collect_command(tmp_path):
@@ -179,7 +178,7 @@ def test_two_cpu_processes_through_accelerate_launch(tiny_data, tmp_path, model,
 def test_two_stage_wrapper_end_to_end(tiny_data, tmp_path):
     """bash train_two_stage.sh: collect -> stage 1 -> stage 2 with its checkpoint -> evaluation, all tiny."""
     runs = tmp_path / "runs"
-    tiny = [*tiny_data, f"run_root={runs}", "model.train_timesteps=4", "model.pretrain_steps=4", "model.train_batch_size=4",
+    tiny = [*tiny_data, f"run_root={runs}", "training.train_timesteps=4", "model.pretrain_steps=4", "training.train_batch_size=4",
             "model.pretrain_batch_size=4", "model.tf_n_layer=1", "model.encoder_n_layer=1", "model.pretrain_decoder_n_layer=1",
             "model.pretrain_save_interval=2", "model.pretrain_val_streams=1", "log_interval=2", "eval_interval=0",
             "++save_interval=2"]

@@ -64,7 +64,7 @@ def test_missing_dataset_names_the_command(tmp_path):
 
 
 def test_each_split_has_its_own_noise_and_the_training_histories_keep_theirs(tmp_path):
-    cfg = compose_cfg("collect", TINY + [f"data_root={tmp_path}", "algorithm.n_episodes=30", "algorithm.noise_after_episodes=0"])
+    cfg = compose_cfg("collect", TINY + [f"data_root={tmp_path}", "algorithm.n_episodes_per_stream=30", "algorithm.noise_after_episodes=0"])
     collect(cfg)
     val, test = load_histories(cfg, "val"), load_histories(cfg, "test")
     assert val["noise"].shape == test["noise"].shape and val["noise"].any()

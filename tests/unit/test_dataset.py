@@ -167,11 +167,11 @@ def test_distributed_sampler_gives_ranks_disjoint_windows():
     assert not seen[0] & seen[1]
 
 
-def test_the_dataset_hash_covers_what_shapes_the_histories_and_not_file_names():
+def test_the_dataset_hash_covers_what_shapes_the_histories_and_nothing_else():
     from dataset import histories_dir
     from tests.helpers import compose_cfg
 
     base = histories_dir(compose_cfg("collect", ["experiment=quick"]))
-    assert histories_dir(compose_cfg("collect", ["experiment=quick", "env.short_name=room"])) == base
+    assert histories_dir(compose_cfg("collect", ["experiment=quick", "force=true", "seed=3"])) == base
     assert histories_dir(compose_cfg("collect", ["experiment=quick", "algorithm.noise_prob=0.2"])) != base
     assert histories_dir(compose_cfg("collect", ["experiment=quick", "env.horizon=30"])) != base

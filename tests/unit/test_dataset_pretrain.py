@@ -26,7 +26,7 @@ def test_pretrain_dataset_depths_streams_and_chain_lengths():
     assert counts[0] == 0 and counts[1] < counts[2] < counts[3]  # no depth 0, weighted towards deeper
     lengths = batch["chunk_lengths"]
     used = lengths[torch.arange(3)[None] < batch["depth"][:, None]]
-    assert used.min() == mcfg.min_compress_length and used.max() == mcfg.max_compress_length
+    assert used.min() == mcfg.pretrain_min_compress_length and used.max() == mcfg.max_compress_length
     assert (lengths[torch.arange(3)[None] >= batch["depth"][:, None]] == 0).all()
     for b in range(0, len(train), 37):  # a chain is contiguous steps of one stream
         states = torch.cat([batch["chunks"][b, j, : int(lengths[b, j]), 4] for j in range(int(batch["depth"][b]))]).long()
@@ -42,4 +42,4 @@ def test_pretrain_dataset_depths_streams_and_chain_lengths():
 def test_stage1_chunk_lengths_min_above_max_are_refused():
     
     with pytest.raises(DatasetError, match=r"min_compress_length \(45\) <= model.max_compress_length \(40\)"):
-        ADCompressedPretrainDataset(labelled_histories(T=400), pretrain_cfg(min_compress_length=45), "train", 1)
+        ADCompressedPretrainDataset(labelled_histories(T=400), pretrain_cfg(pretrain_min_compress_length=45), "train", 1)

@@ -63,3 +63,20 @@ def test_centred_correlation():
     assert corr(-t) == pytest.approx(-1.0)
     assert abs(corr(torch.randn(64, 5, 8, generator=g))) < 0.1
     assert centred_correlation(t.mean(0, keepdim=True).expand_as(t), t, valid)[1] == pytest.approx(0.0, abs=1e-8)
+
+
+def test_stage1_config_reads_every_key_and_shares_stage2_shapes():
+    """Stage 1 gets CompressedAD's architecture and its own pretrain_* settings, not stage 2's recipe."""
+    from dataclasses import fields
+
+    from model import CompressedADConfig, model_config
+    from tests.helpers import compose_cfg
+
+    for env in ("darkroom", "dark_key_to_door"):
+        stage1 = compose_cfg("pretrain_encoder", ["experiment=quick", f"env={env}"])
+        stage2 = compose_cfg("train", ["experiment=quick", f"env={env}", "model=ad_compressed_dr"])
+        assert "training" not in stage1 and "train_batch_size" in stage2.training
+        architecture = {f.name for f in fields(CompressedADConfig)}
+        stray = {k for k in stage1.model if k not in architecture and not k.startswith("pretrain_")}
+        assert stray == {"model", "tag", "pretrained_encoder_path", "freeze_encoder"}, stray  # the seed's hand-off keys
+        assert model_config(stage1.model) == model_config(stage2.model)

@@ -9,7 +9,7 @@ from env import (
 )
 from tests.helpers import compose_cfg, darkroom
 
-SOURCE = dict(n_episodes=40, gamma=0.9, alpha=1.0, q_init=6.0, epsilon_start=0.1, epsilon_end=0.0,
+SOURCE = dict(n_episodes_per_stream=40, gamma=0.9, alpha=1.0, q_init=6.0, epsilon_start=0.1, epsilon_end=0.0,
               epsilon_decay_episodes=40, n_replay_sweeps=3)
 
 
@@ -28,7 +28,7 @@ def test_key_to_door_source_learning_curve_rises():
     cfg = compose_cfg("collect", ["env=dark_key_to_door"])
     spec = make_env_spec(cfg.env)
     tasks = np.repeat(spec.tasks("train")[:60], 2, axis=0)
-    out = run_q_learning(spec, tasks, {**cfg.algorithm, "n_episodes": 100}, np.random.default_rng(0))
+    out = run_q_learning(spec, tasks, {**cfg.algorithm, "n_episodes_per_stream": 100}, np.random.default_rng(0))
     curve = out["episode_returns"].mean(0) / 2.0
     assert curve[:5].mean() < 0.35  # starts far from optimal
     assert curve[25:35].mean() > curve[:5].mean() + 0.3 and curve[-10:].mean() > 0.9  # and learns
@@ -38,7 +38,7 @@ def test_key_to_door_source_learning_curve_rises():
 def test_step_noise_is_flagged_random_and_corrected():
     spec = darkroom()
     goals = np.repeat(spec.tasks("train")[:20], 8, axis=0)
-    cfg = {**SOURCE, "n_episodes": 50, "noise_prob": 0.1, "noise_after_episodes": 30}
+    cfg = {**SOURCE, "n_episodes_per_stream": 50, "noise_prob": 0.1, "noise_after_episodes": 30}
     out = run_q_learning(spec, goals, cfg, np.random.default_rng(0))
     noise = out["noise"].reshape(len(goals), 50, 20)
     assert not noise[:, :30].any() and 0.07 < noise[:, 30:].mean() < 0.13
@@ -51,7 +51,7 @@ def test_step_noise_is_flagged_random_and_corrected():
 def test_lapses_are_random_episodes_flagged_and_followed_by_a_return_to_the_goal():
     spec = darkroom()
     goals = np.repeat(spec.tasks("train")[:20], 8, axis=0)
-    cfg = {**SOURCE, "n_episodes": 60, "lapse_prob": 0.2, "noise_after_episodes": 30, "lapse_max_episodes": 2}
+    cfg = {**SOURCE, "n_episodes_per_stream": 60, "lapse_prob": 0.2, "noise_after_episodes": 30, "lapse_max_episodes": 2}
     out = run_q_learning(spec, goals, cfg, np.random.default_rng(0))
     lapse = out["noise"].reshape(len(goals), 60, 20)
     assert (lapse == lapse[..., :1]).all()  # whole episodes
@@ -64,7 +64,7 @@ def test_lapses_are_random_episodes_flagged_and_followed_by_a_return_to_the_goal
     after = np.zeros_like(episode_lapse)
     after[:, 1:] = episode_lapse[:, :-1] & ~episode_lapse[:, 1:]
     assert frac[episode_lapse].mean() < 0.2 and frac[after].mean() > 0.8  # random, then back to the goal
-    plain = run_q_learning(spec, goals, {**SOURCE, "n_episodes": 60}, np.random.default_rng(0))
+    plain = run_q_learning(spec, goals, {**SOURCE, "n_episodes_per_stream": 60}, np.random.default_rng(0))
     assert (plain["actions"][:, : 30 * 20] == out["actions"][:, : 30 * 20]).all()  # lapses draw from their own generator
 
 

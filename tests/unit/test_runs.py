@@ -26,8 +26,8 @@ def test_a_run_is_reused_only_under_the_config_that_made_it(tmp_path):
     ckpt = run_dir / "checkpoint-final.pt"
     assert reuse_run(ckpt, "train", OVERRIDES) is True
     assert reuse_run(ckpt, "train", [*OVERRIDES, "resume=true"]) is True  # run control, not part of the run
-    with pytest.raises(SystemExit, match=r"model.train_timesteps': \(2600, 100\)"):
-        reuse_run(ckpt, "train", [*OVERRIDES, "model.train_timesteps=100"])
+    with pytest.raises(SystemExit, match=r"training.train_timesteps': \(2600, 100\)"):
+        reuse_run(ckpt, "train", [*OVERRIDES, "training.train_timesteps=100"])
     with pytest.raises(SystemExit, match="seed"):
         reuse_run(ckpt, "train", [o.replace("seed=1", "seed=2") for o in OVERRIDES])
     assert config_differences({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}, "d": 4}) == {"a.c": (2, 3), "d": (None, 4)}

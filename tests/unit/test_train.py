@@ -9,10 +9,10 @@ from utils.errors import UserConfigError
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["model.segments_per_step=0"], r"model.segments_per_step \(0\) must be >= 1"),
-    (["model.memory_restart=1.5"], r"model.memory_restart \(1.5\) must be a probability"),
+    (["training.segments_per_step=0"], r"training.segments_per_step \(0\) must be >= 1"),
+    (["training.memory_restart=1.5"], r"training.memory_restart \(1.5\) must be a probability"),
     (["model.n_latent=50", "model.decoder_max_seq_length=56"], "exceeds decoder_max_seq_length"),
-    (["model.train_batch_size=95"], "multiple of the number of processes"),
+    (["training.train_batch_size=95"], "multiple of the number of processes"),
 ])
 def test_compressed_ad_configs_that_cannot_work_are_refused(overrides, message):
     cfg = compose_cfg("train", ["experiment=quick", "model=ad_compressed_dr", *overrides])
@@ -21,7 +21,8 @@ def test_compressed_ad_configs_that_cannot_work_are_refused(overrides, message):
 
 
 def test_the_quick_presets_pass_and_unknown_models_are_named():
-    for model in ("ad_dr", "ad_compressed_dr", "ad_dktd", "ad_compressed_dktd"):
-        validate_config(compose_cfg("train", ["experiment=quick", f"model={model}"]), world=2)
+    for env in ("darkroom", "dark_key_to_door"):
+        for model in ("ad_dr", "ad_compressed_dr"):  # one model file for every env
+            validate_config(compose_cfg("train", ["experiment=quick", f"env={env}", f"model={model}"]), world=2)
     with pytest.raises(UserConfigError, match="Unknown model 'GPT'"):
         validate_config(compose_cfg("train", ["model.model=GPT"]), world=1)

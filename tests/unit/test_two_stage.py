@@ -87,19 +87,33 @@ def test_wrapper_passes_path_and_freeze_as_overrides():
 
 
 def test_wrapper_routes_stage_keys_and_refuses_unknown_ones():
-    args, overrides = parse_args(["model.pretrain_steps=4", "model.train_timesteps=3", "experiment=quick", "--num-processes", "1"])
+    args, overrides = parse_args(["model.pretrain_steps=4", "training.train_timesteps=3", "experiment=quick", "--num-processes", "1"])
     collect_cmd, stage1, stage2, _ = plan(args, overrides)
     assert "model.pretrain_steps=4" in stage1 and "model.pretrain_steps=4" not in stage2
-    assert "model.train_timesteps=3" in stage2 and not any(o.startswith("model.") for o in collect_cmd)
-    args, overrides = parse_args(["model.pretrain_stepz=4"])
-    with pytest.raises(SystemExit, match="no stage has a config key"):
+    assert "training.train_timesteps=3" in stage2 and not any(o.startswith("model.") for o in collect_cmd)
+    for typo in ("model.pretrain_stepz=4", "training.lrr=1", "model.n_latnet=8", "log_intervall=5"):
+        args, overrides = parse_args([typo])
+        with pytest.raises(SystemExit, match="no stage has a config key"):
+            plan(args, overrides)
+
+
+def test_wrapper_sends_architecture_keys_to_both_stages_and_stage_keys_to_one():
+    args, overrides = parse_args(["model.n_latent=8", "eval.n_envs_per_task=2", "log_interval=5", "model.pretrain_lr=0.01",
+                                  "--num-processes", "1"])
+    collect_cmd, stage1, stage2, evaluate = plan(args, overrides)
+    assert "model.n_latent=8" in stage1 and "model.n_latent=8" in stage2 and "model.n_latent=8" not in collect_cmd
+    assert "eval.n_envs_per_task=2" in stage2 and "eval.n_envs_per_task=2" in evaluate and "eval.n_envs_per_task=2" not in stage1
+    assert "log_interval=5" in stage1 and "log_interval=5" in stage2 and "log_interval=5" not in evaluate
+    assert "model.pretrain_lr=0.01" in stage1 and "model.pretrain_lr=0.01" not in stage2
+    args, overrides = parse_args(["model=ad_dr"])
+    with pytest.raises(SystemExit, match="train CompressedAD"):
         plan(args, overrides)
 
 
 def test_wrapper_picks_the_env_s_model_and_run_dirs():
     args, overrides = parse_args(["env=dark_key_to_door", "experiment=quick", "--num-processes", "1"])
     _, stage1, stage2, evaluate = plan(args, overrides)
-    assert "model=ad_compressed_dktd" in stage2 and "env=dark_key_to_door" in stage1
+    assert "model=ad_compressed_dr" in stage2 and "env=dark_key_to_door" in stage1
     assert any(p.startswith("model.pretrained_encoder_path=runs/pretrain-encoder-dark_key_to_door-seed0/") for p in stage2)
     assert any("compressed-ad-dark_key_to_door-seed0" in p for p in evaluate)
 
