@@ -25,6 +25,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
+from model.ad import WindowBatch
+from model.ad_compressed import LaneBatch
 from model.schedule import CompressionSchedule
 from model.tokens import NO_TARGET, build_tokens
 from utils.errors import DatasetError
@@ -153,7 +155,7 @@ class ADDataset(Dataset):
     def __len__(self) -> int:
         return self.n_streams * self.n_starts
 
-    def __getitems__(self, indices) -> dict:
+    def __getitems__(self, indices) -> WindowBatch:
         indices = np.asarray(indices, dtype=np.int64)
         stream, start = np.divmod(indices, self.n_starts)
         start = start - (self.n_transit - 1)
@@ -205,9 +207,7 @@ class HistoryLanes:
         # per segment k: the token positions of its chunk (k = 0 has none: a placeholder), of its window, its targets
         chunk_start = np.concatenate([[0], seg.chunk_start])
         self.chunk_t = np.minimum(chunk_start[:, None] + np.arange(schedule.chunk), self.T - 1)  # [K + 1, c]
-        window = int((seg.end - seg.window_start).max())
-        t = seg.window_start[:, None] + np.arange(window)
-        self.is_target = (t >= seg.first_target[:, None]) & (t < seg.end[:, None])  # [K + 1, W]
+        t, self.is_target = seg.windows()  # [K + 1, W]
         self.window_t = np.minimum(t, self.T - 1)
         self._orders = {}
 
@@ -236,11 +236,11 @@ class HistoryLanes:
         u = hashed_ints(np.asarray(j) * self.n_segments + k, self.seed * 7919 + 13, 0, 2**40 - 1) / 2.0**40
         return (u < self.memory_restart) & (np.asarray(k) >= 1)
 
-    def batch(self, step: int, lanes: np.ndarray) -> dict:
+    def batch(self, step: int, lanes: np.ndarray) -> LaneBatch:
         """The tokens of `lanes`' segments at `step` (model input, see CompressedAD.forward)."""
         return self.segments(*self.position(step, lanes))
 
-    def segments(self, j: np.ndarray, k: np.ndarray) -> dict:
+    def segments(self, j: np.ndarray, k: np.ndarray) -> LaneBatch:
         """The tokens of segments k [L, S] of histories j [L, S]; `index` names each segment (stream * n_segments
         + k) and targets are NO_TARGET outside a segment's own steps and on noise."""
         stream = self._stream(j)

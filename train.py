@@ -180,6 +180,35 @@ def attach_pretrained_encoder(model, mcfg, env_cfg, verbose: bool) -> str:
     return note
 
 
+def evaluate_split(model, spec, split: str, histories: dict, eval_cfg, n_envs: int, step: int, run_hash: str,
+                   device) -> dict:
+    """In-context evaluation and held-out loss on one split. Validation (`eval/*`, `val/*`) decides every choice;
+    the test tasks (`test/*`, eval/test.json) are evaluated once, at the end."""
+    tasks = spec.tasks(split)
+    rollout = run_in_context(model, spec, tasks, eval_cfg.n_episodes, n_envs, eval_cfg.seed, eval_cfg.use_cache, device)
+    result = summarize(tasks, spec, rollout)
+    result.update(split=split, memory="normal", global_step=step, env=spec.name, run_config_hash=run_hash)
+    result["held_out"] = held_out_loss(model, histories, eval_cfg.held_out_streams_per_task, device) \
+        if eval_cfg.held_out_streams_per_task else {}
+    return result
+
+
+def log_evaluation(writer, result: dict, step: int) -> None:
+    """An evaluation's scalars (the validation rollouts as eval/*, other splits under their name) and one line."""
+    split, loss = result["split"], result["held_out"]
+    rollout_tag = "eval" if split == "val" else split
+    writer.add_scalar(f"{rollout_tag}/mean_reward", np.mean(result["mean_return_per_episode"][-10:]), step)
+    for k in ("fraction_of_optimal_last10", "fraction_of_optimal_first10", "miss_rate_after_first_success",
+              "n_compressions", "peak_decoder_length", "key_rate", "door_rate"):
+        if result.get(k) is not None:
+            writer.add_scalar(f"{rollout_tag}/{k}", result[k], step)
+    for k, v in loss.items():
+        writer.add_scalar(f"{split}/{k}", v, step)
+    tqdm.write(f"step {step}: {split} fraction of optimal first10 {result['fraction_of_optimal_first10']:.3f} -> last10 "
+               f"{result['fraction_of_optimal_last10']:.3f} ({result['n_envs_per_task']} envs/task)"
+               + (f", {split} loss {loss['loss_action']:.3f}" if loss else ""))
+
+
 def train(cfg: DictConfig) -> dict:
     # CompressedAD leaves parameters unused in some batches (L_0 where no lane starts a history)
     accelerator = make_accelerator(cfg.mixed_precision, find_unused_parameters=cfg.model.model == "CompressedAD")
@@ -239,34 +268,6 @@ def train(cfg: DictConfig) -> dict:
 
     run_hash = config_hash(run_config(cfg))  # names this run in its eval files (scripts/ reuse only a match)
 
-    def evaluate_now(step: int, split: str, full: bool) -> dict:
-        """In-context evaluation and held-out loss on one split. Validation (`eval/*`, `val/*`) decides
-        every choice; the test tasks (`test/*`, eval/test.json) are evaluated once, at the end."""
-        tasks = spec.tasks(split)
-        n_envs = cfg.eval.n_envs_per_task if full else cfg.eval_envs_per_task_during_training
-        rollout = run_in_context(raw, spec, tasks, cfg.eval.n_episodes, n_envs, cfg.eval.seed, cfg.eval.use_cache,
-                                 accelerator.device)
-        result = summarize(tasks, spec, rollout)
-        result.update(split=split, memory="normal", global_step=step, env=spec.name,
-                      run_config_hash=run_hash)
-        loss = held_out_loss(raw, held_out[split], cfg.eval.held_out_streams_per_task, accelerator.device) \
-            if cfg.eval.held_out_streams_per_task else {}
-        result["held_out"] = loss
-        if full:
-            write_results(result, run_dir, result_name(split), source_curves(metadata, split))
-        rollout_tag = "eval" if split == "val" else split  # eval/*: the validation rollouts
-        writer.add_scalar(f"{rollout_tag}/mean_reward", np.mean(result["mean_return_per_episode"][-10:]), step)
-        for k in ("fraction_of_optimal_last10", "fraction_of_optimal_first10", "miss_rate_after_first_success",
-                  "n_compressions", "peak_decoder_length", "key_rate", "door_rate"):
-            if result.get(k) is not None:
-                writer.add_scalar(f"{rollout_tag}/{k}", result[k], step)
-        for k, v in loss.items():
-            writer.add_scalar(f"{split}/{k}", v, step)
-        tqdm.write(f"step {step}: {split} fraction of optimal first10 {result['fraction_of_optimal_first10']:.3f} -> last10 "
-                   f"{result['fraction_of_optimal_last10']:.3f} ({n_envs} envs/task)"
-                   + (f", {split} loss {loss['loss_action']:.3f}" if loss else ""))
-        return result
-
     model.train()
     result, t_start, start_step = {}, time.perf_counter(), step
     logs = MeanLogs()
@@ -305,8 +306,13 @@ def train(cfg: DictConfig) -> dict:
         final = step == tcfg.train_timesteps
         if cfg.eval_interval and step % cfg.eval_interval == 0 or final:
             if accelerator.is_main_process:
+                n_envs = cfg.eval.n_envs_per_task if final else cfg.eval_envs_per_task_during_training
                 for split in cfg.final_eval_splits if final else ("val",):
-                    result[split] = evaluate_now(step, split, full=final)
+                    result[split] = evaluate_split(raw, spec, split, held_out[split], cfg.eval, n_envs, step, run_hash,
+                                                   accelerator.device)
+                    log_evaluation(writer, result[split], step)
+                    if final:
+                        write_results(result[split], run_dir, result_name(split), source_curves(metadata, split))
             accelerator.wait_for_everyone()
         if step % cfg.save_interval == 0 or final:
             state = lane_state(lanes, accelerator, carried) if carried is not None else None

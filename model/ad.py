@@ -5,6 +5,7 @@ One token per time step (see `model/tokens.py`); the model predicts the action a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypedDict
 
 import torch
 import torch.nn as nn
@@ -14,10 +15,17 @@ from model.tokens import token_dim, token_features
 from model.transformer import Transformer, init_weights
 
 
+class WindowBatch(TypedDict):
+    """AD's training input (`dataset.ADDataset`): windows of consecutive tokens of one stream each."""
+    index: torch.Tensor           # [B] dataset index (stream, start) of each window
+    tokens: torch.Tensor          # [B, T, 6]
+    target_actions: torch.Tensor  # [B, T] the action to predict at each position; NO_TARGET: none (noise, padding)
+
+
 @dataclass(frozen=True)
 class ADConfig:
-    """AD's architecture: the keys of config/model/ad_*.yaml that shape the network (the file's other keys are the
-    training recipe, read by train.py). Validated once, here; stored in every checkpoint."""
+    """AD's architecture: the keys of config/model/ad_dr.yaml (its recipe is config/training/ad.yaml). Validated
+    once, here; stored in every checkpoint."""
     n_transit: int = 100      # context window in steps; the rollout keeps between n_transit/2 and n_transit
     tf_n_embd: int = 64
     tf_n_layer: int = 4
@@ -56,7 +64,7 @@ class AD(nn.Module):
         pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         return self.drop(x + self.pos_emb(pos))
 
-    def forward(self, batch: dict) -> torch.Tensor:
+    def forward(self, batch: WindowBatch) -> torch.Tensor:
         """batch["tokens"] [B, T, 5] -> action logits [B, T, n_actions], aligned with batch["target_actions"]."""
         tokens = batch["tokens"]
         y, _ = self.transformer(self.embed(tokens), is_causal=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypedDict
 
 import torch
 import torch.nn as nn
@@ -32,6 +33,17 @@ import torch.nn as nn
 from model.schedule import CompressionSchedule
 from model.tokens import token_dim, token_features
 from model.transformer import Transformer, init_weights
+
+
+class LaneBatch(TypedDict, total=False):
+    """CompressedAD's training input (`dataset.HistoryLanes`): L lanes, S consecutive segments each."""
+    index: torch.Tensor           # [L, S] stream * n_segments + k of each segment
+    chunks: torch.Tensor          # [L, S, c, 6] the chunk compression k compresses
+    windows: torch.Tensor         # [L, S, W, 6] segment k's raw window
+    target_actions: torch.Tensor  # [L * S, W] the action to predict; NO_TARGET outside the segment's own steps, on noise
+    memory_reset: torch.Tensor    # [L, S] bool: the memory is L_0 at this segment (a history's first, or a restart)
+    memory: torch.Tensor          # [L, n_latent, C] the latents each lane carries in (set by the training loop)
+    memory_empty: torch.Tensor    # [L] bool: the carried memory is L_0
 
 
 @dataclass(frozen=True)
@@ -217,7 +229,7 @@ class CompressedAD(nn.Module):
 
     # ------------------------------------------------------------------ training: lanes carry the memory
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, batch: LaneBatch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """One training step of `L` lanes over `S` consecutive segments each (a `dataset.HistoryLanes` batch).
 
         batch: `memory` [L, n_latent, C] and `memory_empty` [L] (the latents each lane carries in: L_{k-1} of
@@ -292,12 +304,9 @@ class CompressedAD(nn.Module):
         seg = self.schedule.segments(T)
         latents = self.segment_latents(tokens, memory, memory_chunks).flatten(0, 1)  # [B * (K + 1), n_latent, C]
         device = tokens.device
-        window_start, first_target, end = (torch.as_tensor(x, device=device).repeat(B)
-                                            for x in (seg.window_start, seg.first_target, seg.end))
+        t, is_target = (torch.as_tensor(x, device=device).repeat(B, 1) for x in seg.windows())  # [B * (K + 1), W]
         sample = torch.arange(B, device=device).repeat_interleave(seg.n_compressions + 1)
-        t = window_start[:, None] + torch.arange(int((end - window_start).max()), device=device)[None]
         logits, _ = self.decode(latents, tokens[sample[:, None], t.clamp(max=T - 1)])
-        is_target = (t >= first_target[:, None]) & (t < end[:, None])
         out = logits.new_zeros(B, T, logits.shape[-1])
         out[sample[:, None].expand_as(t)[is_target], t[is_target]] = logits[is_target]
         return out

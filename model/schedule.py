@@ -36,6 +36,13 @@ class Segments:
     def n_compressions(self) -> int:
         return len(self.chunk_start)
 
+    def windows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per segment k, the token positions of its decoder window (window_start[k] onwards, as wide as the
+        widest window) and which of them are its targets: ([K + 1, W], [K + 1, W] bool). The one place target
+        positions are derived: training's lanes and the teacher-forced view both read them from here."""
+        t = self.window_start[:, None] + np.arange(int((self.end - self.window_start).max()))
+        return t, (t >= self.first_target[:, None]) & (t < self.end[:, None])
+
     def segment_of(self, t: np.ndarray) -> np.ndarray:
         """The segment whose target token t is (= the number of compressions before it)."""
         return np.searchsorted(self.first_target, t, side="right") - 1
