@@ -72,6 +72,23 @@ def memory_eval(run_dir: Path, ckpt: Path, split: str, settings: dict) -> dict:
     return eval_result(run_dir, name)
 
 
+def averaged(results: list[dict]) -> dict:
+    """One result whose per-task returns are the mean of `results` (the same tasks and draws, e.g. several donor
+    derangements of one test), for paired differences against the normal rollout."""
+    return {**results[0], "returns": np.mean([np.asarray(r["returns"]) for r in results], axis=0).tolist(),
+            "fraction_of_optimal_last10": float(np.mean([r["fraction_of_optimal_last10"] for r in results]))}
+
+
+def memory_row(name: str, results: list[dict], memory: dict) -> list[str]:
+    """A model's memory tests on one split: normal last10, then each test's last10 and its cost (normal minus test:
+    per-task, mean over seeds, 95% interval over tasks, per seed) on the same tasks and draws."""
+    row = [name, mean_pm([r["fraction_of_optimal_last10"] for r in results])]
+    for test, _ in MEMORY_TESTS:
+        tested = [averaged(ms) for ms in memory[test]]  # per seed: the mean over the test's settings
+        row.append(f"{mean_pm([t['fraction_of_optimal_last10'] for t in tested])}; cost {paired_difference(results, tested)}")
+    return row
+
+
 def summarise(name: str, results: list[dict], memory: dict, train: list[dict], env: str) -> list[str]:
     """One table row: figures averaged over seeds."""
     r0 = results[0]
@@ -113,6 +130,7 @@ def main() -> None:
     env = [f"env={args.env}"]
     run("collect.py", "experiment=quick", *env, *extra)
     table = {split: [] for split in args.splits}
+    memory_rows = {split: [] for split in args.splits}
     per_variant = {split: {} for split in args.splits}  # slug -> results over seeds, for the paired differences
     curves = {split: {} for split in args.splits}
     long_rows = []
@@ -150,6 +168,8 @@ def main() -> None:
         for split in args.splits:
             per_variant[split][slug] = results[split]
             table[split].append(summarise(label, results[split], memory[split], train, args.env))
+            if compressed:
+                memory_rows[split].append(memory_row(label, results[split], memory[split]))
             curves[split][label] = np.mean([r["fraction_of_optimal_per_episode"] for r in results[split]], axis=0)
         if long_results:
             long_rows.append([label, mean_pm([a["fraction_of_optimal_last10"] for a, _ in long_results]),
@@ -177,6 +197,12 @@ def main() -> None:
             write_table(out / f"paired-{split}.md", ["difference", "last10 difference [95% CI over tasks] (per seed)"], rows,
                         f"\n\n{split} tasks, seeds {args.seeds}: per-task last10 difference, mean over seeds, as a fraction of "
                         f"the mean optimal return; the interval resamples tasks (the same for every seed).\n")
+        if memory_rows[split]:
+            write_table(out / f"memory-{split}.md", ["model", "normal last10", *[t.replace(", costs", "").replace(" costs", "")
+                                                                              for t, _ in MEMORY_TESTS]], memory_rows[split],
+                        f"\n\n{split} tasks, seeds {args.seeds}: last10 (mean ± std over seeds) with the memory altered after "
+                        f"every compression; cost = normal minus test per task, mean over seeds [95% interval over tasks] "
+                        f"(per seed). Same tasks, starts and action draws as the normal rollout.\n")
         plot(curves[split], out / f"curves-{split}.png", f"{args.env}, {split} tasks, seeds {args.seeds}")
     if long_rows:
         write_table(out / "table-long.md", ["model", "last10 of 100", f"last10 of {args.long_episodes}", "change",

@@ -61,3 +61,19 @@ def test_paired_difference_resamples_tasks_and_refuses_unpaired_results():
     assert lo <= 0.05 <= hi and lo < hi
     with pytest.raises(SystemExit, match="not paired"):
         paired_difference(a, [result([8, 8, 8], tasks=((0, 0), (1, 1), (3, 3)))] * 2)
+
+
+def test_memory_row_pairs_each_test_with_the_normal_rollout_and_averages_derangements():
+    from scripts.compare_context import MEMORY_TESTS, averaged, memory_row
+
+    def result(last10):  # 2 tasks, optimal 10 each; the last 10 episodes return `last10` per task
+        return {"tasks": [[0, 0], [1, 1]], "n_envs_per_task": 4, "optimal_return": [10.0, 10.0],
+                "returns": [[0.0] * 5 + [last10[0]] * 10, [0.0] * 5 + [last10[1]] * 10],
+                "fraction_of_optimal_last10": sum(last10) / 20}
+
+    assert averaged([result([2, 4]), result([4, 8])])["returns"][1][-1] == 6.0
+    normal = [result([9, 9]), result([8, 10])]
+    memory = {test: [[result([9, 9])] * len(s), [result([8, 10])] * len(s)] for test, s in MEMORY_TESTS}
+    memory["clear costs"] = [[result([1, 1])], [result([0, 2])]]
+    row = memory_row("m", normal, memory)
+    assert "cost +0.800" in row[2] and all("cost +0.000" in c for c in row[3:]), row
