@@ -21,6 +21,7 @@ import numpy as np
 from evaluation import result_name
 from scripts.runs import (
     ROOT,
+    collect_overrides,
     composed_config,
     eval_result,
     last10_over_seeds,
@@ -128,7 +129,7 @@ def main() -> None:
     out = ROOT / (args.out or f"runs/compare-{args.env}")
     out.mkdir(parents=True, exist_ok=True)
     env = [f"env={args.env}"]
-    run("collect.py", "experiment=quick", *env, *extra)
+    run("collect.py", "experiment=quick", *env, *collect_overrides(extra))
     table = {split: [] for split in args.splits}
     memory_rows = {split: [] for split in args.splits}
     per_variant = {split: {} for split in args.splits}  # slug -> results over seeds, for the paired differences

@@ -13,6 +13,7 @@ import argparse
 
 from scripts.runs import (
     ROOT,
+    collect_overrides,
     eval_result,
     first_step_below,
     last10_over_seeds,
@@ -38,7 +39,7 @@ def main() -> None:
     args, extra = p.parse_known_args()
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
-    run("collect.py", "experiment=quick", *extra)
+    run("collect.py", "experiment=quick", *collect_overrides(extra))
     stage1_seconds, results = [], {k: [] for k in VARIANTS}
     for seed in args.seeds:
         stage1 = ROOT / "runs" / f"compare-pretrain-encoder-seed{seed}"

@@ -26,6 +26,16 @@ def run(script: str, *overrides: str) -> float:
     return time.perf_counter() - t0
 
 
+def collect_overrides(overrides) -> list[str]:
+    """The overrides collect.py takes (what shapes the histories): env, algorithm, experiment and its own top-level
+    keys. A comparison's extra overrides go to collect.py through this and to train.py whole (evaluate.py reads the
+    run's config from its checkpoint)."""
+    from omegaconf import OmegaConf
+
+    top = {k for name in ("common", "collect") for k in OmegaConf.load(ROOT / "config" / f"{name}.yaml") if k != "defaults"}
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0] in {"env", "algorithm", "experiment", *top}]
+
+
 # keys of a run's config that may differ between the run and a request to reuse it
 NOT_PART_OF_THE_RUN = ("resume", "overwrite", "dataset", "log_first_batch")
 

@@ -77,3 +77,13 @@ def test_memory_row_pairs_each_test_with_the_normal_rollout_and_averages_derange
     memory["clear costs"] = [[result([1, 1])], [result([0, 2])]]
     row = memory_row("m", normal, memory)
     assert "cost +0.800" in row[2] and all("cost +0.000" in c for c in row[3:]), row
+
+
+def test_collect_gets_only_the_overrides_that_shape_the_histories():
+    from scripts.runs import collect_overrides
+
+    extra = ["env=dark_key_to_door", "algorithm.noise_prob=0", "model.n_transit=50", "training.lr=1e-3", "eval.n_episodes=5",
+             "data_root=/tmp/d", "force=true"]
+    # eval.* is a key of every script (common.yaml): collect.py accepts it and ignores it
+    assert collect_overrides(extra) == ["env=dark_key_to_door", "algorithm.noise_prob=0", "eval.n_episodes=5", "data_root=/tmp/d",
+                                        "force=true"]
