@@ -180,6 +180,9 @@ def plot(results: dict, pair_names: list[str], path: Path, title: str) -> None:
                 xs = [n for n in names if n in d]
                 ax.plot(xs, [d[n][0] for n in xs], style, label=f"{label} model")
             ax.axhline(results["trained"][split][f"pair{i}"]["chance"], color="k", linestyle=":", label="chance (most frequent)")
+            d = results["trained"][split][f"pair{i}"]["by_distance"]
+            xs = [n for n in names if n in d]
+            ax.set_xticks(range(len(xs)), [f"{n}\nn={d[n][1]}" for n in xs], fontsize=7)  # memories scored per bin
             ax.set_ylim(0, 1)
             ax.set_xlabel("compressions since the revealing chunk left the raw window")
             ax.set_ylabel(f"{pair} cell accuracy")
