@@ -119,6 +119,11 @@ def load_histories(cfg, split: str) -> dict:
     return arrays
 
 
+def select_streams(histories: dict, picked: slice) -> dict:
+    """The same histories with only the streams `picked` of every task (the [G, S, T] arrays sliced on S)."""
+    return {k: (v[:, picked] if k in (*HISTORY_KEYS, "noise") else v) for k, v in histories.items()}
+
+
 def stream_tokens(histories: dict) -> tuple[np.ndarray, np.ndarray]:
     """[G, S, T] histories -> tokens [G*S, T, 6] and target actions [G*S, T] (NO_TARGET on noise steps): one row per stream."""
     G, S, T = histories["states"].shape

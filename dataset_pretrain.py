@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dataset import stream_tokens
+from dataset import select_streams, stream_tokens
 from utils.errors import DatasetError
 from utils.hashing import hashed_ints
 
@@ -28,8 +28,7 @@ class ADCompressedPretrainDataset(Dataset):
             raise DatasetError(f"pretrain_val_streams={n_val_streams} must leave streams for both training and validation "
                                f"(the dataset has {S} streams per goal).")
         keep = slice(0, S - n_val_streams) if split == "train" else slice(S - n_val_streams, S)
-        self.tokens, _ = stream_tokens({k: (v[:, keep] if isinstance(v, np.ndarray) and v.ndim == 3 else v)
-                                        for k, v in histories.items()})
+        self.tokens, _ = stream_tokens(select_streams(histories, keep))
         self.n_streams, self.T = self.tokens.shape[:2]
         D, lo, hi = model_cfg.pretrain_max_depth, model_cfg.pretrain_min_compress_length, model_cfg.max_compress_length
         if D < 1:

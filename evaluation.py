@@ -196,13 +196,11 @@ def held_out_loss(model, histories: dict, n_streams_per_task: int, device="cpu",
     the last two thirds of each stream with the latents rebuilt from only the last K compressed chunks
     (`memory_value/chunks<K>`, K = 0 is the empty memory) and with all of them (`memory_value/all`).
     """
-    from dataset import stream_tokens
+    from dataset import select_streams, stream_tokens
 
     was_training = model.training
     model.eval()
-    picked = {k: histories[k][:, :n_streams_per_task] for k in ("states", "actions", "rewards", "next_states", "noise")
-              if k in histories}
-    tokens, actions = stream_tokens({**picked, "horizon": histories["horizon"]})
+    tokens, actions = stream_tokens(select_streams(histories, slice(0, n_streams_per_task)))
     tokens, actions = torch.from_numpy(tokens).to(device), torch.from_numpy(actions).to(device)
     T = tokens.shape[1]
 

@@ -11,6 +11,7 @@ Each Hydra override reaches the stages it applies to, by its prefix (`ROUTES`). 
 from __future__ import annotations
 
 import argparse
+import functools
 import shlex
 import subprocess
 import sys
@@ -65,10 +66,12 @@ ROUTES = (
 MODEL = "model=ad_compressed_dr"  # stage 2's model, on every env
 
 
-def config_keys(path: Path) -> set[str]:
+@functools.cache
+def config_keys(path: Path) -> frozenset[str]:
+    """The top-level keys a config file declares (its defaults list aside)."""
     from omegaconf import OmegaConf
 
-    return {k for k in OmegaConf.load(path) if k != "defaults"}
+    return frozenset(k for k in OmegaConf.load(path) if k != "defaults")
 
 
 def stages_for(override: str) -> tuple[str, ...]:

@@ -127,10 +127,6 @@ def split_samples(model, histories: dict, n_pairs: int, max_histories: int | Non
     return (feats.reshape(-1, feats.shape[-1]), np.repeat(tasks, K, axis=0).astype(np.int64), dist.reshape(-1, n_pairs))
 
 
-def streams(histories: dict, picked: slice) -> dict:
-    return {k: (v[:, picked] if k in ("states", "actions", "rewards", "next_states", "noise") else v) for k, v in histories.items()}
-
-
 def probe_model(model, train: dict, held_out: dict, grid_size: int, max_train_histories: int, hidden: int = 0,
                 held_in_streams: int = 2) -> dict:
     """Fit on training-task memories (all but the last `held_in_streams` streams of every task), score on each held-out
@@ -138,13 +134,15 @@ def probe_model(model, train: dict, held_out: dict, grid_size: int, max_train_hi
     accuracy by distance."""
     n_pairs = train["tasks"].shape[1] // 2
     S = train["states"].shape[1]
-    fit_on = streams(train, slice(0, S - held_in_streams)) if held_in_streams else train
+    from dataset import select_streams
+
+    fit_on = select_streams(train, slice(0, S - held_in_streams)) if held_in_streams else train
     x, y, _ = split_samples(model, fit_on, n_pairs, max_train_histories)
     probe = fit_probe(x, y, grid_size, hidden)
     majority = np.array([np.bincount(col, minlength=grid_size).argmax() for col in y.T])
     scored = dict(held_out)
     if held_in_streams:
-        scored["train_other_streams"] = streams(train, slice(S - held_in_streams, S))
+        scored["train_other_streams"] = select_streams(train, slice(S - held_in_streams, S))
     out = {}
     for split, histories in scored.items():
         xs, ys, ds = split_samples(model, histories, n_pairs)
@@ -175,13 +173,11 @@ def plot(results: dict, pair_names: list[str], path: Path, title: str) -> None:
     for i, pair in enumerate(pair_names):
         for j, split in enumerate(splits):
             ax = axes[i, j]
-            for label, style in (("trained", "-o"), ("untrained", "--s")):
+            for label, style in (("untrained", "--s"), ("trained", "-o")):  # the trained model's bins label the axis
                 d = results[label][split][f"pair{i}"]["by_distance"]
                 xs = [n for n in names if n in d]
                 ax.plot(xs, [d[n][0] for n in xs], style, label=f"{label} model")
             ax.axhline(results["trained"][split][f"pair{i}"]["chance"], color="k", linestyle=":", label="chance (most frequent)")
-            d = results["trained"][split][f"pair{i}"]["by_distance"]
-            xs = [n for n in names if n in d]
             ax.set_xticks(range(len(xs)), [f"{n}\nn={d[n][1]}" for n in xs], fontsize=7)  # memories scored per bin
             ax.set_ylim(0, 1)
             ax.set_xlabel("compressions since the revealing chunk left the raw window")

@@ -30,9 +30,9 @@ def collect_overrides(overrides) -> list[str]:
     """The overrides collect.py takes (what shapes the histories): env, algorithm, experiment and its own top-level
     keys. A comparison's extra overrides go to collect.py through this and to train.py whole (evaluate.py reads the
     run's config from its checkpoint)."""
-    from omegaconf import OmegaConf
+    from two_stage import config_keys
 
-    top = {k for name in ("common", "collect") for k in OmegaConf.load(ROOT / "config" / f"{name}.yaml") if k != "defaults"}
+    top = config_keys(ROOT / "config/common.yaml") | config_keys(ROOT / "config/collect.yaml")
     return [o for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0] in {"env", "algorithm", "experiment", *top}]
 
 
