@@ -20,15 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from env import make_env_spec
-from evaluation import (
-    config_hash,
-    held_out_loss,
-    result_name,
-    run_in_context,
-    source_curves_for,
-    summarize,
-    write_results,
-)
+from evaluation import config_hash, evaluate_split, result_name, source_curves_for, write_results
 from model import build_model
 from model.ad_compressed import MEMORY_MODES
 from utils.errors import DatasetError, UserConfigError
@@ -46,24 +38,23 @@ def evaluate(cfg: DictConfig) -> dict:
     model = build_model(run_cfg["model"], spec.n_states, spec.n_actions)
     model.load_state_dict(ckpt["model_state_dict"])
     model.to(device)
-    tasks = spec.tasks(cfg.split)
     run_eval = run_cfg["eval"]  # the run's own evaluation sizes, unless given here
     n_episodes = cfg.eval.n_episodes if cfg.eval.n_episodes is not None else run_eval["n_episodes"]
     n_envs = cfg.eval.n_envs_per_task if cfg.eval.n_envs_per_task is not None else run_eval["n_envs_per_task"]
-    rollout = run_in_context(model, spec, tasks, n_episodes, n_envs, cfg.eval.seed, cfg.eval.use_cache, device,
-                             cfg.memory, cfg.memory_chunks, cfg.donor, cfg.donor_permutation)
-    result = summarize(tasks, spec, rollout)
-    result.update(split=cfg.split, memory=cfg.memory, memory_chunks=cfg.memory_chunks if cfg.memory == "truncate" else None,
-                  checkpoint=str(cfg.checkpoint), global_step=int(ckpt.get("global_step", -1)), env=run_cfg["env"]["name"],
-                  run_config_hash=config_hash(run_cfg))
+    histories = None
     if cfg.memory == "normal" and cfg.eval.held_out_streams_per_task:
         from dataset import load_histories
 
         try:
-            result["held_out"] = held_out_loss(model, load_histories(OmegaConf.create(run_cfg), cfg.split),
-                                               cfg.eval.held_out_streams_per_task, device)
-        except DatasetError as e:  # the rollout needs no dataset; the loss does
+            histories = load_histories(OmegaConf.create(run_cfg), cfg.split)
+        except DatasetError as e:  # the rollout needs no dataset; the held-out loss does
             print(f"Held-out loss skipped: {str(e).splitlines()[0]}")
+    result = evaluate_split(model, spec, cfg.split, n_episodes, n_envs, cfg.eval.seed, cfg.eval.use_cache, device,
+                            histories, cfg.eval.held_out_streams_per_task, cfg.memory, cfg.memory_chunks, cfg.donor,
+                            cfg.donor_permutation, checkpoint=str(cfg.checkpoint),
+                            global_step=int(ckpt.get("global_step", -1)), env=run_cfg["env"]["name"],
+                            run_config_hash=config_hash(run_cfg))
+    tasks = result["tasks"]
     run_dir = Path(cfg.output_dir) if cfg.get("output_dir") else Path(cfg.checkpoint).parent
     name = cfg.get("name") or result_name(cfg.split, cfg.memory, cfg.memory_chunks, cfg.donor, cfg.donor_permutation)
     out = write_results(result, run_dir, name, source_curves_for(run_cfg, cfg.split))

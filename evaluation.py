@@ -178,6 +178,24 @@ def summarize(tasks: np.ndarray, spec: GridTaskSpec, rollout: dict) -> dict:
     return out
 
 
+def evaluate_split(model, spec: GridTaskSpec, split: str, n_episodes: int, n_envs_per_task: int, seed: int,
+                   use_cache: bool = True, device="cpu", histories: dict | None = None, held_out_streams_per_task: int = 0,
+                   memory: str = "normal", memory_chunks: int = 1, donor: str = "other_task", donor_permutation: int = 0,
+                   **record) -> dict:
+    """The eval JSON of one split: the in-context rollout on its tasks (`run_in_context`, `summarize`) and, when
+    `histories` are given and memory is normal, the held-out loss on their first `held_out_streams_per_task`
+    streams. `record` (global_step, env, run_config_hash, ...) is stored as given. train.py and evaluate.py
+    both call this, so a checkpoint's final evaluation and a later `evaluate.py` run compute the same thing."""
+    tasks = spec.tasks(split)
+    rollout = run_in_context(model, spec, tasks, n_episodes, n_envs_per_task, seed, use_cache, device,
+                             memory, memory_chunks, donor, donor_permutation)
+    result = summarize(tasks, spec, rollout)
+    result.update(split=split, memory=memory, memory_chunks=memory_chunks if memory == "truncate" else None, **record)
+    result["held_out"] = held_out_loss(model, histories, held_out_streams_per_task, device) \
+        if histories is not None and held_out_streams_per_task and memory == "normal" else {}
+    return result
+
+
 def position_bins(n_tokens: int, horizon: int) -> dict[str, tuple[int, int]]:
     """Stream-position bins (in episodes) for the held-out loss: the start, where in-context learning shows, and later."""
     n_ep = n_tokens // horizon

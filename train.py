@@ -31,15 +31,7 @@ from dataset import (
     load_metadata,
 )
 from env import make_env_spec
-from evaluation import (
-    config_hash,
-    held_out_loss,
-    result_name,
-    run_in_context,
-    source_curves,
-    summarize,
-    write_results,
-)
+from evaluation import config_hash, evaluate_split, result_name, source_curves, write_results
 from model import build_model, model_config
 from utils.errors import RunDirError, UserConfigError
 from utils.io import atomic_torch_save, load_checkpoint
@@ -180,19 +172,6 @@ def attach_pretrained_encoder(model, mcfg, env_cfg, verbose: bool) -> str:
     return note
 
 
-def evaluate_split(model, spec, split: str, histories: dict, eval_cfg, n_envs: int, step: int, run_hash: str,
-                   device) -> dict:
-    """In-context evaluation and held-out loss on one split. Validation (`eval/*`, `val/*`) decides every choice;
-    the test tasks (`test/*`, eval/test.json) are evaluated once, at the end."""
-    tasks = spec.tasks(split)
-    rollout = run_in_context(model, spec, tasks, eval_cfg.n_episodes, n_envs, eval_cfg.seed, eval_cfg.use_cache, device)
-    result = summarize(tasks, spec, rollout)
-    result.update(split=split, memory="normal", global_step=step, env=spec.name, run_config_hash=run_hash)
-    result["held_out"] = held_out_loss(model, histories, eval_cfg.held_out_streams_per_task, device) \
-        if eval_cfg.held_out_streams_per_task else {}
-    return result
-
-
 def log_evaluation(writer, result: dict, step: int) -> None:
     """An evaluation's scalars (the validation rollouts as eval/*, other splits under their name) and one line."""
     split, loss = result["split"], result["held_out"]
@@ -308,8 +287,11 @@ def train(cfg: DictConfig) -> dict:
             if accelerator.is_main_process:
                 n_envs = cfg.eval.n_envs_per_task if final else cfg.eval_envs_per_task_during_training
                 for split in cfg.final_eval_splits if final else ("val",):
-                    result[split] = evaluate_split(raw, spec, split, held_out[split], cfg.eval, n_envs, step, run_hash,
-                                                   accelerator.device)
+                    # validation (`eval/*`, `val/*`) decides every choice; test is evaluated once, at the end
+                    result[split] = evaluate_split(raw, spec, split, cfg.eval.n_episodes, n_envs, cfg.eval.seed,
+                                                   cfg.eval.use_cache, accelerator.device, held_out[split],
+                                                   cfg.eval.held_out_streams_per_task, global_step=step, env=spec.name,
+                                                   run_config_hash=run_hash)
                     log_evaluation(writer, result[split], step)
                     if final:
                         write_results(result[split], run_dir, result_name(split), source_curves(metadata, split))

@@ -98,10 +98,33 @@ def test_memory_interventions_in_the_evaluation_keep_starts_and_draws():
         assert np.array_equal(r[..., :first], runs["normal"][..., :first]), m
     again = run_in_context(model, spec, tasks, 8, 2, seed=0)["returns"]
     assert np.array_equal(again, runs["normal"])
-    
+
     ad = build_model(compose_cfg("train", ["model=ad_dr"]).model, N_STATES, N_ACTIONS)
     with pytest.raises(UserConfigError, match="has none"):
         run_in_context(ad, spec, tasks, 2, 1, seed=0, memory="clear")
+
+
+def test_evaluate_split_is_the_rollout_summary_plus_the_held_out_loss_for_the_normal_memory_only():
+    """train.py's evaluations and evaluate.py share this: same draws -> same returns; the held-out loss is
+    scored only when histories are given and the memory is left alone; `record` is stored as given."""
+    from evaluation import evaluate_split
+    from tests.helpers import labelled_histories
+
+    h = labelled_histories(n_goals=2, n_streams=2, T=240)
+    for k in ("states", "next_states"):
+        h[k] = h[k] % N_STATES
+    torch.manual_seed(0)
+    model = build_model(stream_cfg(), N_STATES, N_ACTIONS)
+    spec = darkroom()
+    normal = evaluate_split(model, spec, "val", 4, 2, seed=0, histories=h, held_out_streams_per_task=1, global_step=7)
+    tasks = spec.tasks("val")
+    direct = run_in_context(model, spec, tasks, 4, 2, seed=0)["returns"]
+    assert np.allclose(normal["returns"], direct.mean(axis=1), atol=1e-4)
+    assert normal["split"] == "val" and normal["memory"] == "normal" and normal["global_step"] == 7
+    assert normal["held_out"]["loss_action"] > 0
+    cleared = evaluate_split(model, spec, "val", 4, 2, seed=0, histories=h, held_out_streams_per_task=1, memory="clear")
+    assert cleared["held_out"] == {} and cleared["memory"] == "clear" and cleared["memory_chunks"] is None
+    assert evaluate_split(model, spec, "val", 4, 2, seed=0, memory="truncate", memory_chunks=2)["memory_chunks"] == 2
 
 
 def test_held_out_loss_is_scored_at_fixed_positions_with_a_memory_value_curve():
