@@ -257,6 +257,9 @@ def pretrain_encoder(cfg: DictConfig) -> dict:
         model_config(mcfg)  # the architecture stage 2 will build, validated
     except ValueError as e:
         raise UserConfigError(str(e)) from None
+    if mcfg.get("pretrained_encoder_path") or mcfg.get("freeze_encoder"):  # inherited from stage 2's model file
+        raise UserConfigError("model.pretrained_encoder_path / model.freeze_encoder set stage 2's start (train.py); "
+                              "stage 1 trains the encoder from scratch: drop them here and pass them to train.py.")
     if mcfg.pretrain_batch_size < world or mcfg.pretrain_batch_size % world:
         raise UserConfigError(f"model.pretrain_batch_size={mcfg.pretrain_batch_size} must be a positive multiple of the "
                               f"number of processes ({world}).")

@@ -59,6 +59,7 @@ ROUTES = (
     ("experiment=", STAGES),
     ("env=", STAGES[:3]), ("env.", STAGES[:3]), ("algorithm=", STAGES[:3]), ("algorithm.", STAGES[:3]),
     ("model.pretrain_", ("pretrain_encoder",)),   # stage 1's settings (config/model/pretrain_encoder.yaml)
+    ("model.pretrained_encoder_path", ("train",)), ("model.freeze_encoder", ("train",)),  # stage 2's start
     ("model.", ("pretrain_encoder", "train")),      # the architecture both stages build
     ("training.", ("train",)),                      # stage 2's recipe (config/training/compressed_ad.yaml)
     ("eval.", ("train", "evaluate")),

@@ -78,5 +78,18 @@ def test_stage1_config_reads_every_key_and_shares_stage2_shapes():
         assert "training" not in stage1 and "train_batch_size" in stage2.training
         architecture = {f.name for f in fields(CompressedADConfig)}
         stray = {k for k in stage1.model if k not in architecture and not k.startswith("pretrain_")}
-        assert stray == {"model", "tag", "pretrained_encoder_path", "freeze_encoder"}, stray  # the seed's hand-off keys
+        # the seed's hand-off keys, which stage 1 refuses when set (test below)
+        assert stray == {"model", "tag", "pretrained_encoder_path", "freeze_encoder"}, stray
         assert model_config(stage1.model) == model_config(stage2.model)
+
+
+@pytest.mark.parametrize("stage2_key", ["model.pretrained_encoder_path=runs/x/encoder-pretrained-final.pt",
+                                        "model.freeze_encoder=true"])
+def test_stage1_refuses_stage2s_hand_off_keys(stage2_key, tmp_path):
+    """The hand-off keys come with the inherited model file; stage 1 would ignore them, so it refuses them."""
+    from pretrain_encoder import pretrain_encoder
+    from utils.errors import UserConfigError
+
+    cfg = compose_cfg("pretrain_encoder", ["experiment=quick", f"data_root={tmp_path}", stage2_key])
+    with pytest.raises(UserConfigError, match="stage 2's start"):
+        pretrain_encoder(cfg)

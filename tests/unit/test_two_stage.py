@@ -105,6 +105,9 @@ def test_wrapper_sends_architecture_keys_to_both_stages_and_stage_keys_to_one():
     assert "eval.n_envs_per_task=2" in stage2 and "eval.n_envs_per_task=2" in evaluate and "eval.n_envs_per_task=2" not in stage1
     assert "log_interval=5" in stage1 and "log_interval=5" in stage2 and "log_interval=5" not in evaluate
     assert "model.pretrain_lr=0.01" in stage1 and "model.pretrain_lr=0.01" not in stage2
+    args, overrides = parse_args(["model.freeze_encoder=true", "model.pretrained_encoder_path=x/enc.pt", "--num-processes", "1"])
+    _, stage1, stage2, _ = plan(args, overrides)  # stage 2's start: not given to stage 1, which would refuse it
+    assert "model.freeze_encoder=true" in stage2 and not any("encoder_path" in o or "freeze" in o for o in stage1)
     args, overrides = parse_args(["model=ad_dr"])
     with pytest.raises(SystemExit, match="train CompressedAD"):
         plan(args, overrides)
