@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from env import GridTaskSpec
-from model.tokens import NO_TARGET, TokenStream
+from model.tokens import NO_TARGET, TokenStream, episode_phase
 from utils.errors import DatasetError, UserConfigError
 from utils.io import atomic_write_json
 
@@ -191,7 +191,7 @@ def evaluate_split(model, spec: GridTaskSpec, split: str, n_episodes: int, n_env
                              memory, memory_chunks, donor, donor_permutation)
     result = summarize(tasks, spec, rollout)
     result.update(split=split, memory=memory, memory_chunks=memory_chunks if memory == "truncate" else None, **record)
-    result["held_out"] = held_out_loss(model, histories, held_out_streams_per_task, device) \
+    result["held_out"] = held_out_loss(model, histories, held_out_streams_per_task, device, phase_names=spec.phase_names) \
         if histories is not None and held_out_streams_per_task and memory == "normal" else {}
     return result
 
@@ -205,13 +205,16 @@ def position_bins(n_tokens: int, horizon: int) -> dict[str, tuple[int, int]]:
 
 
 @torch.no_grad()
-def held_out_loss(model, histories: dict, n_streams_per_task: int, device="cpu", memory_value: bool = True) -> dict:
+def held_out_loss(model, histories: dict, n_streams_per_task: int, device="cpu", memory_value: bool = True,
+                  phase_names: tuple[str, ...] = ()) -> dict:
     """Action loss at every step of held-out histories, each predicted from the rollout's context there.
 
     The target positions are fixed (every step of the first `n_streams_per_task` streams of every
     task): no model or layout option changes them. Returns `loss_action`, `acc_action`, the loss per
-    stream-position bin (`loss_action_<bin>`), and for CompressedAD the memory value curve: the loss on
-    the last two thirds of each stream with the latents rebuilt from only the last K compressed chunks
+    stream-position bin (`loss_action_<bin>`), the loss and accuracy on the last two thirds of each stream by
+    episode phase (`loss_action_late_<phase>`, `acc_action_late_<phase>`; `phase_names` from the env's spec: what
+    the model does once the source has learned, e.g. after Key-to-Door's key), and for CompressedAD the memory
+    value curve: the loss on the last two thirds of each stream with the latents rebuilt from only the last K compressed chunks
     (`memory_value/chunks<K>`, K = 0 is the empty memory) and with all of them (`memory_value/all`).
     """
     from dataset import select_streams, stream_tokens
@@ -219,6 +222,7 @@ def held_out_loss(model, histories: dict, n_streams_per_task: int, device="cpu",
     was_training = model.training
     model.eval()
     tokens, actions = stream_tokens(select_streams(histories, slice(0, n_streams_per_task)))
+    phase = torch.from_numpy(episode_phase(tokens, len(phase_names))).to(device) if phase_names else None
     tokens, actions = torch.from_numpy(tokens).to(device), torch.from_numpy(actions).to(device)
     T = tokens.shape[1]
 
@@ -227,16 +231,21 @@ def held_out_loss(model, histories: dict, n_streams_per_task: int, device="cpu",
     def per_step(logits):
         return F.cross_entropy(logits.transpose(1, 2).float(), actions, ignore_index=NO_TARGET, reduction="none")  # [N, T]
 
-    def mean(x, cols=slice(None)):
-        return float(x[:, cols][valid[:, cols]].float().mean())
+    def mean(x, cols=slice(None), where=None):
+        keep = valid[:, cols] if where is None else valid[:, cols] & where[:, cols]
+        return float(x[:, cols][keep].float().mean())
 
     logits = model.teacher_forced_logits(tokens)
     loss = per_step(logits)
     out = {"loss_action": mean(loss), "acc_action": mean(logits.argmax(-1) == actions)}
     for name, (a, b) in position_bins(T, histories["horizon"]).items():
         out[f"loss_action_{name}"] = mean(loss, slice(a, b))
+    late = slice(T // 3, T)
+    for k, name in enumerate(phase_names):
+        if (valid[:, late] & (phase[:, late] == k)).any():  # a phase no late step reaches has no loss
+            out[f"loss_action_late_{name}"] = mean(loss, late, phase == k)
+            out[f"acc_action_late_{name}"] = mean(logits.argmax(-1) == actions, late, phase == k)
     if memory_value and hasattr(model, "encoder"):
-        late = slice(T // 3, T)
         out["memory_value/all"] = mean(loss, late)
         for K in MEMORY_VALUE_CHUNKS:
             mode = "clear" if K == 0 else "truncate"

@@ -116,6 +116,9 @@ class GridTaskSpec:
     n_train_tasks: int | None = None  # train tasks used (collected); None = all
     n_eval_tasks: int | None = None  # val / test tasks used (collected and evaluated); None = all
     n_actions: ClassVar[int] = len(ACTION_DELTAS)
+    # what an episode's rewards so far say the agent is doing (phase k: k rewarded steps earlier in the episode,
+    # the last name for k and more); the held-out loss is reported per phase
+    phase_names: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def from_config(cls, env_cfg) -> "GridTaskSpec":

@@ -41,6 +41,7 @@ class BatchedDarkroom(BatchedGridEnv):
 class DarkroomSpec(GridTaskSpec):
     name: ClassVar[str] = "darkroom"
     task_fields: ClassVar[tuple[str, ...]] = ("goal_row", "goal_col")
+    phase_names: ClassVar[tuple[str, ...]] = ("to_goal", "at_goal")
 
     def all_tasks(self) -> np.ndarray:
         g = self.grid_size

@@ -39,6 +39,16 @@ def build_tokens(states, actions, rewards, next_states, horizon: int) -> np.ndar
     return tokens
 
 
+def episode_phase(tokens: np.ndarray, n_phases: int) -> np.ndarray:
+    """tokens [..., T, 6] -> int [..., T]: the rewarded steps earlier in each step's episode, capped at n_phases - 1
+    (Key-to-Door: 0 seeks the key, 1 the door; read from the tokens alone, as the model must)."""
+    new = tokens[..., NEW_EPISODE] == 1
+    rewarded = (tokens[..., PREV_REWARD] > 0) & ~new  # a new episode's first token shows the last episode's reward
+    count = np.cumsum(rewarded, axis=-1)
+    at_start = np.maximum.accumulate(np.where(new, count, 0), axis=-1)  # the count where this episode began
+    return np.minimum(count - at_start, n_phases - 1)
+
+
 class TokenStream:
     """Builds the rollout's tokens step by step, exactly as `build_tokens` builds them from a history."""
 

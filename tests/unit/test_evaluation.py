@@ -145,6 +145,17 @@ def test_held_out_loss_is_scored_at_fixed_positions_with_a_memory_value_curve():
     assert set(held_out_loss(other, h, 2)) == set(out)
     ad = build_model(compose_cfg("train", ["model=ad_dr", "model.n_transit=40"]).model, N_STATES, N_ACTIONS)
     assert not any(k.startswith("memory_value") for k in held_out_loss(ad, h, 2))
+    # by phase, on the last two thirds: rewarded at step 3 of every episode, so steps 0-3 seek the goal, 4-19 are on it
+    h["rewards"][..., 3::h["horizon"]] = 1.0
+    phased = held_out_loss(ad, h, 2, phase_names=("to_goal", "at_goal"))
+    from dataset import select_streams, stream_tokens
+
+    tokens, actions = (torch.from_numpy(x) for x in stream_tokens(select_streams(h, slice(0, 2))))
+    per_step = torch.nn.functional.cross_entropy(ad.eval().teacher_forced_logits(tokens).transpose(1, 2), actions.long(),
+                                                 reduction="none")[:, 240 // 3:]
+    seeking = (torch.arange(240 // 3, 240) % h["horizon"]) <= 3
+    assert phased["loss_action_late_to_goal"] == pytest.approx(float(per_step[:, seeking].mean()), rel=1e-5)
+    assert phased["loss_action_late_at_goal"] == pytest.approx(float(per_step[:, ~seeking].mean()), rel=1e-5)
 
 
 def test_transplant_donors_are_the_same_task_or_a_derangement_and_are_run_on_their_own_starts():
