@@ -25,10 +25,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
+from env import ENVS
 from model.ad import WindowBatch
 from model.ad_compressed import LaneBatch
 from model.schedule import CompressionSchedule
-from model.tokens import NO_TARGET, build_tokens
+from model.tokens import NO_TARGET, build_tokens, episode_phase
 from utils.errors import DatasetError
 from utils.hashing import hashed_ints
 
@@ -107,7 +108,7 @@ def load_metadata(cfg) -> dict:
 
 def load_histories(cfg, split: str) -> dict:
     """Arrays of one split: `states`, `actions`, `rewards`, `next_states` [G, S, T], `tasks` [G, task_dim],
-    and the episode length `horizon`."""
+    the episode length `horizon`, and the env's `done_phase` (None, or the episode phase whose steps are not targets)."""
     meta = load_metadata(cfg)
     file = histories_dir(cfg) / f"{split}.npz"
     try:
@@ -116,6 +117,7 @@ def load_histories(cfg, split: str) -> dict:
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
         raise DatasetError(f"Dataset file '{file}' is missing or truncated ({e}). Regenerate it with:\n    {collect_command()} force=true") from None
     arrays["horizon"] = int(meta["config"]["env"]["horizon"])
+    arrays["done_phase"] = ENVS[meta["config"]["env"]["name"]].done_phase
     return arrays
 
 
@@ -125,12 +127,16 @@ def select_streams(histories: dict, picked: slice) -> dict:
 
 
 def stream_tokens(histories: dict) -> tuple[np.ndarray, np.ndarray]:
-    """[G, S, T] histories -> tokens [G*S, T, 6] and target actions [G*S, T] (NO_TARGET on noise steps): one row per stream."""
+    """[G, S, T] histories -> tokens [G*S, T, 6] and target actions [G*S, T], one row per stream. NO_TARGET on noise
+    steps and on the steps of the env's `done_phase` (after Key-to-Door's door): context, never targets."""
     G, S, T = histories["states"].shape
     tokens = build_tokens(*(histories[k].reshape(G * S, T) for k in HISTORY_KEYS), horizon=histories["horizon"])
     targets = histories["actions"].reshape(G * S, T).astype(np.int64)
     if "noise" in histories:
         targets[histories["noise"].reshape(G * S, T)] = NO_TARGET
+    done = histories.get("done_phase")
+    if done is not None:
+        targets[episode_phase(tokens, done + 1) == done] = NO_TARGET
     return tokens, targets
 
 

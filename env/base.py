@@ -119,6 +119,9 @@ class GridTaskSpec:
     # what an episode's rewards so far say the agent is doing (phase k: k rewarded steps earlier in the episode,
     # the last name for k and more); the held-out loss is reported per phase
     phase_names: ClassVar[tuple[str, ...]] = ()
+    # the phase from which no action can change the episode's return (Key-to-Door: after the door), or None;
+    # its steps are context only, never targets (dataset.stream_tokens): there is no behaviour there to distil
+    done_phase: ClassVar[int | None] = None
 
     @classmethod
     def from_config(cls, env_cfg) -> "GridTaskSpec":

@@ -68,6 +68,7 @@ class DarkKeyToDoorSpec(GridTaskSpec):
     name: ClassVar[str] = "dark_key_to_door"
     task_fields: ClassVar[tuple[str, ...]] = ("key_row", "key_col", "door_row", "door_col")
     phase_names: ClassVar[tuple[str, ...]] = ("to_key", "to_door", "after_door")
+    done_phase: ClassVar[int | None] = 2
 
     @property
     def n_learner_states(self) -> int:

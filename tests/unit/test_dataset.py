@@ -45,6 +45,19 @@ def test_noise_steps_are_context_but_never_targets():
     assert (tokens[:, 21:, PREV_ACTION] >= 0).all()  # the noise actions are still in the context
 
 
+def test_steps_after_the_done_phase_are_context_but_never_targets():
+    """Key-to-Door: once the door paid, no action changes the return; those steps are context only."""
+    h = labelled_histories(T=40, horizon=20)
+    h["rewards"][..., 3] = h["rewards"][..., 7] = 1.0  # key at step 3, door at step 7 of the first episode
+    h["done_phase"] = 2
+    tokens, targets = stream_tokens(h)
+    assert (targets[:, :8] >= 0).all() and (targets[:, 8:20] == -100).all()  # from the step after the door
+    assert (targets[:, 20:] >= 0).all()  # the next episode seeks the key again
+    assert (tokens[:, 9:20, PREV_ACTION] >= 0).all()  # and the done steps stay in the context
+    h["done_phase"] = None
+    assert (stream_tokens(h)[1] >= 0).all()  # Darkroom: every step is a target
+
+
 def test_ad_windows_never_cross_streams_and_align_targets():
     ds = ADDataset(labelled_histories(), n_transit=50)
     assert len(ds) == 12 * (200 + 50 - 1)
