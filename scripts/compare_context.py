@@ -50,8 +50,7 @@ VARIANTS = {
         "ad-w40": ("AD, window 40 (drop-half: 20-40 tokens)", ["model=ad_dr", "model.n_transit=40"]),
         "ad-w50": ("AD, window 50 = 1 episode (drop-half: 25-50)", ["model=ad_dr", "model.n_transit=50"]),
         "compressed-ad": ("CompressedAD (carried memory)", ["model=ad_compressed_dr"]),
-        "ad-w200": ("AD, window 200 = 4 episodes (drop-half: 100-200)", ["model=ad_dr", "model.n_transit=200",
-                                                                          "training.train_batch_size=16"]),
+        "ad-w200": ("AD, window 200 = 4 episodes (drop-half: 100-200)", ["model=ad_dr", "model.n_transit=200"]),
     },
 }
 # CompressedAD's memory tests: (column, evaluate.py settings; a test with several is averaged over them)

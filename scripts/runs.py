@@ -37,7 +37,7 @@ def collect_overrides(overrides) -> list[str]:
 
 
 # keys of a run's config that may differ between the run and a request to reuse it
-NOT_PART_OF_THE_RUN = ("resume", "overwrite", "dataset", "log_first_batch")
+NOT_PART_OF_THE_RUN = ("resume", "overwrite", "dataset", "log_first_batch", "run_name")  # a run moved to another name is the same run
 
 
 def composed_config(script: str, overrides) -> dict:

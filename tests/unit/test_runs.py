@@ -26,6 +26,7 @@ def test_a_run_is_reused_only_under_the_config_that_made_it(tmp_path):
     ckpt = run_dir / "checkpoint-final.pt"
     assert reuse_run(ckpt, "train", OVERRIDES) is True
     assert reuse_run(ckpt, "train", [*OVERRIDES, "resume=true"]) is True  # run control, not part of the run
+    assert reuse_run(ckpt, "train", [*OVERRIDES, "run_name=moved-here"]) is True  # a run moved under another name
     with pytest.raises(SystemExit, match=r"training.train_timesteps': \(2600, 100\)"):
         reuse_run(ckpt, "train", [*OVERRIDES, "training.train_timesteps=100"])
     with pytest.raises(SystemExit, match="seed"):
