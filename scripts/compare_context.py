@@ -125,6 +125,10 @@ def main() -> None:
     args, extra = p.parse_known_args()
     variants = VARIANTS[args.env]
     slugs = args.variants or list(variants)
+    unknown = [s for s in slugs if s not in variants]
+    if unknown:  # an override after --variants is read as one more slug
+        p.error(f"unknown variant(s) {unknown} for env {args.env} (known: {sorted(variants)}); put Hydra overrides "
+                f"before --variants, e.g. eval_interval=2000 --variants ad-w200")
     out = ROOT / (args.out or f"runs/compare-{args.env}")
     out.mkdir(parents=True, exist_ok=True)
     env = [f"env={args.env}"]

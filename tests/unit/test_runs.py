@@ -88,3 +88,15 @@ def test_collect_gets_only_the_overrides_that_shape_the_histories():
     # eval.* is a key of every script (common.yaml): collect.py accepts it and ignores it
     assert collect_overrides(extra) == ["env=dark_key_to_door", "algorithm.noise_prob=0", "eval.n_episodes=5", "data_root=/tmp/d",
                                         "force=true"]
+
+
+def test_compare_context_refuses_an_unknown_variant_before_running_anything(monkeypatch, capsys):
+    """An override written after --variants is parsed as a slug: refused up front, with the fix named."""
+    from scripts import compare_context
+
+    monkeypatch.setattr("sys.argv", ["compare_context.py", "--env", "dark_key_to_door", "--variants", "ad-w200",
+                                     "eval_interval=2000"])
+    monkeypatch.setattr(compare_context, "run", lambda *a, **k: pytest.fail("nothing may run"))
+    with pytest.raises(SystemExit):
+        compare_context.main()
+    assert "put Hydra overrides before --variants" in capsys.readouterr().err
