@@ -136,7 +136,7 @@ def stream_tokens(histories: dict) -> tuple[np.ndarray, np.ndarray]:
         targets[histories["noise"].reshape(G * S, T)] = NO_TARGET
     done = histories.get("done_phase")
     if done is not None:
-        targets[episode_phase(tokens, done + 1) == done] = NO_TARGET
+        targets[episode_phase(histories["rewards"].reshape(G * S, T), histories["horizon"], done + 1) == done] = NO_TARGET
     return tokens, targets
 
 

@@ -221,8 +221,10 @@ def held_out_loss(model, histories: dict, n_streams_per_task: int, device="cpu",
 
     was_training = model.training
     model.eval()
-    tokens, actions = stream_tokens(select_streams(histories, slice(0, n_streams_per_task)))
-    phase = torch.from_numpy(episode_phase(tokens, len(phase_names))).to(device) if phase_names else None
+    picked = select_streams(histories, slice(0, n_streams_per_task))
+    tokens, actions = stream_tokens(picked)
+    phase = torch.from_numpy(episode_phase(picked["rewards"].reshape(len(tokens), -1), histories["horizon"],
+                                           len(phase_names))).to(device) if phase_names else None
     tokens, actions = torch.from_numpy(tokens).to(device), torch.from_numpy(actions).to(device)
     T = tokens.shape[1]
 
@@ -231,8 +233,8 @@ def held_out_loss(model, histories: dict, n_streams_per_task: int, device="cpu",
     def per_step(logits):
         return F.cross_entropy(logits.transpose(1, 2).float(), actions, ignore_index=NO_TARGET, reduction="none")  # [N, T]
 
-    def mean(x, cols=slice(None), where=None):
-        keep = valid[:, cols] if where is None else valid[:, cols] & where[:, cols]
+    def mean(x, cols=slice(None), keep=None):
+        keep = valid[:, cols] if keep is None else keep
         return float(x[:, cols][keep].float().mean())
 
     logits = model.teacher_forced_logits(tokens)
@@ -242,9 +244,10 @@ def held_out_loss(model, histories: dict, n_streams_per_task: int, device="cpu",
         out[f"loss_action_{name}"] = mean(loss, slice(a, b))
     late = slice(T // 3, T)
     for k, name in enumerate(phase_names):
-        if (valid[:, late] & (phase[:, late] == k)).any():  # a phase no late step reaches has no loss
-            out[f"loss_action_late_{name}"] = mean(loss, late, phase == k)
-            out[f"acc_action_late_{name}"] = mean(logits.argmax(-1) == actions, late, phase == k)
+        keep = valid[:, late] & (phase[:, late] == k)
+        if keep.any():  # a phase no late step reaches has no loss
+            out[f"loss_action_late_{name}"] = mean(loss, late, keep)
+            out[f"acc_action_late_{name}"] = mean(logits.argmax(-1) == actions, late, keep)
     if memory_value and hasattr(model, "encoder"):
         out["memory_value/all"] = mean(loss, late)
         for K in MEMORY_VALUE_CHUNKS:

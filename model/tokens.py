@@ -39,14 +39,13 @@ def build_tokens(states, actions, rewards, next_states, horizon: int) -> np.ndar
     return tokens
 
 
-def episode_phase(tokens: np.ndarray, n_phases: int) -> np.ndarray:
-    """tokens [..., T, 6] -> int [..., T]: the rewarded steps earlier in each step's episode, capped at n_phases - 1
-    (Key-to-Door: 0 seeks the key, 1 the door; read from the tokens alone, as the model must)."""
-    new = tokens[..., NEW_EPISODE] == 1
-    rewarded = (tokens[..., PREV_REWARD] > 0) & ~new  # a new episode's first token shows the last episode's reward
-    count = np.cumsum(rewarded, axis=-1)
-    at_start = np.maximum.accumulate(np.where(new, count, 0), axis=-1)  # the count where this episode began
-    return np.minimum(count - at_start, n_phases - 1)
+def episode_phase(rewards: np.ndarray, horizon: int, n_phases: int | None = None) -> np.ndarray:
+    """rewards [..., T] of whole episodes -> int [..., T]: the rewarded steps earlier in each step's episode (what its
+    token's history shows), capped at n_phases - 1 when given (Key-to-Door: 0 seeks the key, 1 the door)."""
+    rewarded = rewards > 0
+    before = np.cumsum(rewarded, axis=-1) - rewarded  # rewarded steps before each step, since the stream began
+    count = before - before[..., np.arange(rewards.shape[-1]) // horizon * horizon]  # ... since its episode began
+    return count if n_phases is None else np.minimum(count, n_phases - 1)
 
 
 class TokenStream:

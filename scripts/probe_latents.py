@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from model.tokens import episode_phase
+
 # distance bins, in compressions since the last task-revealing chunk left the raw window; "none" = no such chunk yet
 BINS = (("1", 1, 1), ("2", 2, 2), ("3-4", 3, 4), ("5-8", 5, 8), ("9-16", 9, 16), ("17+", 17, 10**9))
 
@@ -37,11 +39,7 @@ def revealing_tokens(rewards: np.ndarray, horizon: int, n_pairs: int) -> np.ndar
     Darkroom (one pair, the goal) every rewarded step; Key-to-Door the key's reward (pair 0) and the door's (pair 1)."""
     N, T = rewards.shape
     rewarded = rewards > 0
-    episode = np.arange(T) // horizon
-    index = np.zeros((N, T), dtype=np.int64)  # how many rewards came earlier in the step's episode
-    for e in range(int(episode[-1]) + 1):
-        cols = episode == e
-        index[:, cols] = np.cumsum(rewarded[:, cols], axis=1) - rewarded[:, cols]
+    index = episode_phase(rewards, horizon)  # how many rewards came earlier in the step's episode
     pairs = np.arange(n_pairs)
     step_reveals = rewarded[..., None] & ((index[..., None] == pairs) | ((pairs == n_pairs - 1) & (index[..., None] >= pairs)))
     out = np.zeros((N, T, n_pairs), dtype=bool)

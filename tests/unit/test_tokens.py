@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.tokens import build_tokens, episode_phase
+from model.tokens import episode_phase
 
 
 def test_episode_phase_counts_the_rewards_earlier_in_the_same_episode():
@@ -11,7 +11,6 @@ def test_episode_phase_counts_the_rewards_earlier_in_the_same_episode():
     reward on an episode's last step does not leak into the next episode's first token."""
     H = 5
     rewards = np.array([[0, 1, 0, 1, 0,   0, 0, 0, 0, 1,   1, 1, 1, 0, 0]], dtype=np.float32)
-    cells = np.zeros_like(rewards, dtype=np.int64)
-    phase = episode_phase(build_tokens(cells, cells, rewards, cells, H), 3)
+    phase = episode_phase(rewards, H, 3)
     assert phase.tolist() == [[0, 0, 1, 1, 2,   0, 0, 0, 0, 0,   0, 1, 2, 2, 2]]
-    assert episode_phase(build_tokens(cells, cells, rewards, cells, H), 2).max() == 1  # capped: Darkroom's "at_goal"
+    assert episode_phase(rewards, H, 2).max() == 1  # capped: Darkroom's "at_goal"
