@@ -8,8 +8,12 @@ Samples chains of 1-3 compressions from the learning histories. At every stage t
 those latents (a) the encoder's input in latent space, MSE against *detached* targets: the previous
 latents and the embedded chunk tokens, and (b) each chunk token's raw state, previous action and
 previous reward (cross-entropy). (b) cannot be satisfied by a collapsed encoder or collapsed
-embeddings, which would make (a) trivial. Writes `encoder-pretrained-step<N>.pt` and
-`encoder-pretrained-final.pt` with exactly the keys train.py loads (see utils/stage1.py).
+embeddings, which would make (a) trivial. Two optional terms aim at what stage 2's carried memory
+needs: retention (`pretrain_retention_weight`: every older chunk of a chain decoded straight from
+its final latents) and task content (`pretrain_contrastive_weight`: InfoNCE between the final
+latents of two chains of the same task, other tasks as negatives). Writes
+`encoder-pretrained-step<N>.pt` and `encoder-pretrained-final.pt` with exactly the keys train.py
+loads (see utils/stage1.py).
 """
 from __future__ import annotations
 
@@ -18,10 +22,10 @@ import time
 import hydra
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 from omegaconf import DictConfig
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -72,11 +76,13 @@ class ReconstructionDecoder(nn.Module):
     """
 
     def __init__(self, n_latent: int, n_embd: int, n_layer: int, n_head: int, max_chunk_length: int,
-                 n_states: int, n_actions: int):
+                 n_states: int, n_actions: int, max_age: int = 0):
         super().__init__()
         self.n_latent = n_latent
         self.latent_slots = nn.Parameter(torch.randn(n_latent, n_embd) * 0.02)
         self.chunk_slots = nn.Embedding(max_chunk_length, n_embd)
+        # retention: which chunk to decode, counted in compressions back from the latents' own (0 = the newest)
+        self.age_embedding = nn.Embedding(max_age + 1, n_embd) if max_age else None
         self.transformer = Transformer(n_embd, n_layer, n_head, dropout=0.0)
         self.embedding_head = nn.Linear(n_embd, n_embd)
         self.state_head = nn.Linear(n_embd, n_states)
@@ -84,10 +90,12 @@ class ReconstructionDecoder(nn.Module):
         self.reward_head = nn.Linear(n_embd, 1)
         self.apply(init_weights)
 
-    def forward(self, latents: torch.Tensor, chunk_length: int) -> dict:
+    def forward(self, latents: torch.Tensor, chunk_length: int, age: torch.Tensor | None = None) -> dict:
         B = latents.shape[0]
-        x = torch.cat([latents, self.latent_slots.expand(B, -1, -1),
-                       self.chunk_slots.weight[:chunk_length].expand(B, -1, -1)], dim=1)
+        chunk_slots = self.chunk_slots.weight[:chunk_length].expand(B, -1, -1)
+        if age is not None:
+            chunk_slots = chunk_slots + self.age_embedding(age)[:, None]
+        x = torch.cat([latents, self.latent_slots.expand(B, -1, -1), chunk_slots], dim=1)
         y, _ = self.transformer(x)
         prev, chunk = y[:, self.n_latent : 2 * self.n_latent], y[:, 2 * self.n_latent :]
         return {
@@ -101,7 +109,8 @@ class ReconstructionDecoder(nn.Module):
 
 class EncoderPretrainModel(nn.Module):
     """The parts CompressedAD shares (`embed_context`, `embed_ln`, `encoder`, same classes, same
-    config) plus the `ReconstructionDecoder`, which is discarded after pre-training."""
+    config) plus what only stage 1 trains, discarded afterwards: the `ReconstructionDecoder` and,
+    for the task-contrastive objective, a projection `task_head` of the final latents."""
 
     def __init__(self, n_states: int, n_actions: int, mcfg):
         super().__init__()
@@ -109,16 +118,35 @@ class EncoderPretrainModel(nn.Module):
         self.embed_context = nn.Linear(token_dim(n_states, n_actions), mcfg.tf_n_embd)
         self.embed_ln = nn.LayerNorm(mcfg.tf_n_embd)
         self.encoder = CompressionEncoder.from_config(model_config(mcfg))
+        max_age = mcfg.pretrain_max_depth - 1 if mcfg.pretrain_retention_weight > 0 else 0
         self.decoder = ReconstructionDecoder(mcfg.n_latent, mcfg.tf_n_embd, mcfg.pretrain_decoder_n_layer,
-                                             mcfg.tf_n_head, mcfg.max_compress_length, n_states, n_actions)
+                                             mcfg.tf_n_head, mcfg.max_compress_length, n_states, n_actions, max_age)
+        self.task_head = (nn.Sequential(nn.Linear(mcfg.tf_n_embd, mcfg.tf_n_embd), nn.GELU(), nn.Linear(mcfg.tf_n_embd, mcfg.tf_n_embd))
+                          if mcfg.pretrain_contrastive_weight > 0 else None)
         self.embed_context.apply(init_weights)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.embed_ln(self.embed_context(token_features(tokens, self.n_states, self.n_actions)))
 
-    def forward(self, batch: dict) -> list[dict]:
-        """Run every stage of every chain; returns per stage the predictions, targets and masks."""
+    def forward(self, batch: dict) -> dict:
+        """One pass over a batch (one forward a step, as DistributedDataParallel expects): per stage the
+        predictions, targets and masks; each chain's final `latents`; with retention, every older chunk decoded
+        from them; with the contrastive head, the task embeddings of the chains and of their positives."""
         chunks, lengths = batch["chunks"], batch["chunk_lengths"]
+        B = chunks.shape[0]
+        if self.task_head is not None:  # the positive chains ride along, compressed but not decoded
+            chunks, lengths = torch.cat([chunks, batch["positive_chunks"]]), torch.cat([lengths, lengths])
+        stages, latents = self.compress(chunks, lengths, n_decode=B)
+        out = {"stages": stages, "latents": latents[:B]}
+        if self.decoder.age_embedding is not None:
+            out["older"] = self.decode_older(batch, latents[:B])
+        if self.task_head is not None:
+            z = F.normalize(self.task_head(latents.mean(1)), dim=-1)
+            out["task_embeddings"], out["positive_task_embeddings"] = z[:B], z[B:]
+        return out
+
+    def compress(self, chunks: torch.Tensor, lengths: torch.Tensor, n_decode: int) -> tuple[list[dict], torch.Tensor]:
+        """Run every stage of every chain, decoding the first `n_decode` chains at each stage."""
         latents = self.encoder.empty_memory(chunks.shape[0])
         positions = torch.arange(chunks.shape[2], device=chunks.device)
         stages = []
@@ -127,44 +155,94 @@ class EncoderPretrainModel(nn.Module):
             if idx.numel() == 0:
                 break
             L = int(lengths[idx, j].max())
-            tokens = chunks[idx, j, :L]
+            embedded = self.embed(chunks[idx, j, :L])
             valid = positions[:L] < lengths[idx, j, None]
-            embedded = self.embed(tokens)
             prev = latents[idx]
             new = self.encoder(prev, embedded, valid)
+            d = int((idx < n_decode).sum())  # idx is sorted: its first d rows are decoded
             stages.append({
-                "depth": j + 1, "pred": self.decoder(new, L), "tokens": tokens, "valid": valid,
-                "target_chunk": embedded.detach(), "target_prev": prev.detach() if j > 0 else None,
+                "depth": j + 1, "latents": new[:d], "pred": self.decoder(new[:d], L), "tokens": chunks[idx[:d], j, :L], "valid": valid[:d],
+                "target_chunk": embedded[:d].detach(), "target_prev": prev[:d].detach() if j > 0 else None,
             })
             latents = latents.index_put((idx,), new) if idx.numel() < chunks.shape[0] else new
-        return stages
+        return stages, latents
+
+    def decode_older(self, batch: dict, latents: torch.Tensor) -> list[tuple]:
+        """Every older chunk of a chain decoded straight from the chain's final latents, told its age in compressions:
+        (predictions, tokens, valid, age) per chunk position."""
+        chunks, lengths, depth = batch["chunks"], batch["chunk_lengths"], batch["depth"]
+        out = []
+        for j in range(chunks.shape[1] - 1):
+            idx = torch.nonzero(depth > j + 1).squeeze(1)
+            if idx.numel() == 0:
+                continue
+            L = int(lengths[idx, j].max())
+            valid = torch.arange(L, device=chunks.device) < lengths[idx, j, None]
+            age = depth[idx] - 1 - j
+            out.append((self.decoder(latents[idx], L, age=age), chunks[idx, j, :L], valid, age))
+        return out
+
+
+def field_losses(pred: dict, tokens: torch.Tensor, valid: torch.Tensor) -> dict:
+    """Cross-entropy of a decoded chunk's raw fields: state, previous action, previous reward. No constant predicts
+    them, so a collapsed encoder cannot satisfy this."""
+    v = valid.float()
+    state_t = tokens[..., STATE].long().masked_fill(~valid, NO_TARGET)
+    action_t = tokens[..., PREV_ACTION].long().masked_fill(~valid | (tokens[..., PREV_ACTION] < 0), NO_TARGET)
+    return {
+        "ce_state": F.cross_entropy(pred["state_logits"].transpose(1, 2), state_t, ignore_index=NO_TARGET),
+        "ce_action": F.cross_entropy(pred["action_logits"].transpose(1, 2), action_t, ignore_index=NO_TARGET),
+        "bce_reward": (F.binary_cross_entropy_with_logits(pred["reward_logits"], tokens[..., PREV_REWARD].clamp(0, 1),
+                                                          reduction="none") * v).sum() / v.sum(),
+    }
 
 
 def stage_losses(stage: dict) -> dict:
     """MSE in latent space against detached targets, and cross-entropy on the chunk's raw fields."""
-    pred, valid, tokens = stage["pred"], stage["valid"], stage["tokens"]
+    pred, valid = stage["pred"], stage["valid"]
     v = valid.float()
-    n = v.sum()
-    out = {"mse_chunk": (((pred["chunk_embeddings"] - stage["target_chunk"]) ** 2).mean(-1) * v).sum() / n}
+    out = {"mse_chunk": (((pred["chunk_embeddings"] - stage["target_chunk"]) ** 2).mean(-1) * v).sum() / v.sum()}
     if stage["target_prev"] is not None:
         out["mse_latents"] = ((pred["prev_latents"] - stage["target_prev"]) ** 2).mean()
-    state_t = tokens[..., STATE].long().masked_fill(~valid, NO_TARGET)
-    action_t = tokens[..., PREV_ACTION].long().masked_fill(~valid | (tokens[..., PREV_ACTION] < 0), NO_TARGET)
-    out["ce_state"] = F.cross_entropy(pred["state_logits"].transpose(1, 2), state_t, ignore_index=NO_TARGET)
-    out["ce_action"] = F.cross_entropy(pred["action_logits"].transpose(1, 2), action_t, ignore_index=NO_TARGET)
-    out["bce_reward"] = (F.binary_cross_entropy_with_logits(pred["reward_logits"], tokens[..., PREV_REWARD].clamp(0, 1),
-                                                            reduction="none") * v).sum() / n
-    return out
+    return {**out, **field_losses(pred, stage["tokens"], valid)}
 
 
-def pretrain_loss(stages: list[dict], mse_weight: float, ce_weight: float) -> tuple[torch.Tensor, dict]:
-    logs, total = {}, 0.0
+def retention_loss(older: list) -> torch.Tensor:
+    """Retention: the raw fields of every older chunk, decoded from the chain's final latents, so what the newest
+    compressions overwrite is penalised directly (mean over chunk positions)."""
+    return torch.stack([sum(field_losses(pred, tokens, valid).values()) for pred, tokens, valid, _ in older]).mean()
+
+
+def contrastive_logits(out: dict, task: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[B, B] similarities of each chain's task embedding to every positive's (row b's positive is column b); other
+    chains of the same task are masked out of the negatives."""
+    logits = out["task_embeddings"] @ out["positive_task_embeddings"].T / temperature
+    same_task = (task[:, None] == task[None, :]) & ~torch.eye(len(task), dtype=torch.bool, device=task.device)
+    return logits.masked_fill(same_task, float("-inf"))
+
+
+def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
+    """InfoNCE both ways. Constant latents give log(number of candidates): a collapsed encoder cannot satisfy it."""
+    target = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def pretrain_loss(out: dict, batch: dict, mcfg) -> tuple[torch.Tensor, dict]:
+    """The stage-1 objective: the seed's autoencoding of every stage (always on: it keeps the latents about their
+    input), plus the retention and task-contrastive terms where their weights are > 0."""
+    stages, logs = out["stages"], {}
     for stage in stages:
         for k, value in stage_losses(stage).items():
             logs[k] = logs.get(k, 0.0) + value / len(stages)
     mse = logs["mse_chunk"] + logs.get("mse_latents", 0.0)
     ce = logs["ce_state"] + logs["ce_action"] + logs["bce_reward"]
-    total = mse_weight * mse + ce_weight * ce
+    total = mcfg.pretrain_mse_weight * mse + mcfg.pretrain_ce_weight * ce
+    if out.get("older"):
+        logs["retention_ce"] = retention_loss(out["older"])
+        total = total + mcfg.pretrain_retention_weight * logs["retention_ce"]
+    if "task_embeddings" in out:
+        logs["contrastive"] = contrastive_loss(contrastive_logits(out, batch["task"], mcfg.pretrain_contrastive_temperature))
+        total = total + mcfg.pretrain_contrastive_weight * logs["contrastive"]
     return total, {k: float(v.detach()) for k, v in logs.items()}
 
 
@@ -180,7 +258,8 @@ def centred_correlation(pred: torch.Tensor, target: torch.Tensor, valid: torch.T
 
 @torch.no_grad()
 def validate(model: EncoderPretrainModel, batches: list[dict]) -> dict:
-    """Held-out metrics: reconstruction correlation, and how much raw history is recoverable per depth.
+    """Held-out metrics: reconstruction correlation, how much raw history is recoverable per depth, and, with
+    those objectives, retention accuracy by age and task retrieval.
 
     Recoverability at depth d: from a chain's final latents, reconstruct the previous latents d-1
     times with the decoder, then decode the chunk compressed d stages ago; report its state and
@@ -190,14 +269,32 @@ def validate(model: EncoderPretrainModel, batches: list[dict]) -> dict:
     model.eval()
     sums = {"latents": np.zeros(3), "chunks": np.zeros(3)}
     hits = {}
+
+    def count(name: str, correct: torch.Tensor) -> None:
+        h = hits.setdefault(name, [0, 0])
+        h[0] += int(correct.sum())
+        h[1] += int(correct.numel())
+
     for batch in batches:
-        for stage in model(batch):
-            parts = [("chunks", stage["pred"]["chunk_embeddings"], stage["target_chunk"], stage["valid"])]
-            if stage["target_prev"] is not None:
-                prev_valid = torch.ones(stage["target_prev"].shape[:2], dtype=torch.bool, device=stage["valid"].device)
-                parts.append(("latents", stage["pred"]["prev_latents"], stage["target_prev"], prev_valid))
-            for name, p, t, v in parts:
-                sums[name] += centred_correlation(p, t, v)
+        out = model(batch)
+        for pred, tokens, valid, age in out.get("older", ()):  # retention: older chunks decoded directly
+            target = tokens[..., PREV_ACTION].long()
+            correct = pred["action_logits"].argmax(-1) == target
+            for a in age.unique().tolist():
+                count(f"retention_action_acc_age{a}", correct[(age == a)[:, None] & valid & (target >= 0)])
+        if "task_embeddings" in out:  # which of the batch's positives is this chain's task (chance ~1/batch)
+            logits = contrastive_logits(out, batch["task"], 1.0)
+            count("task_retrieval_acc", logits.argmax(1) == torch.arange(len(logits), device=logits.device))
+        for stage in out["stages"]:
+            # the baseline: each chain decoded from another chain's latents (what the metric gives without information)
+            other = model.decoder(stage["latents"].roll(1, dims=0), stage["valid"].shape[1])
+            for pred, key in ((stage["pred"], ""), (other, "shuffled_")):
+                parts = [(f"{key}chunks", pred["chunk_embeddings"], stage["target_chunk"], stage["valid"])]
+                if stage["target_prev"] is not None:
+                    prev_valid = torch.ones(stage["target_prev"].shape[:2], dtype=torch.bool, device=stage["valid"].device)
+                    parts.append((f"{key}latents", pred["prev_latents"], stage["target_prev"], prev_valid))
+                for name, p, t, v in parts:
+                    sums[name] = sums.get(name, np.zeros(3)) + centred_correlation(p, t, v)
         # recoverability: deepest chains only, walked back from their final latents
         deep = torch.nonzero(batch["depth"] == batch["chunk_lengths"].shape[1]).squeeze(1)
         D = batch["chunk_lengths"].shape[1]
@@ -217,18 +314,13 @@ def validate(model: EncoderPretrainModel, batches: list[dict]) -> dict:
             tokens = chunks[:, j, :L]
             for field, logits_key, col in (("state", "state_logits", STATE), ("action", "action_logits", PREV_ACTION)):
                 target = tokens[..., col].long()
-                ok = valid & (target >= 0)
-                correct = (pred[logits_key].argmax(-1) == target)[ok]
-                h = hits.setdefault(f"{field}_acc_depth{age}", [0, 0])
-                h[0] += int(correct.sum())
-                h[1] += int(correct.numel())
+                count(f"{field}_acc_depth{age}", (pred[logits_key].argmax(-1) == target)[valid & (target >= 0)])
             latents = pred["prev_latents"]
     model.train(was_training)
-    out = {}
-    for name, (cross, pp, tt) in sums.items():
-        out[f"correlation_{name}"] = cross / max(np.sqrt(pp * tt), 1e-12)
-    total = sums["latents"] + sums["chunks"]
-    out["correlation"] = total[0] / max(np.sqrt(total[1] * total[2]), 1e-12)
+    corr = lambda c: c[0] / max(np.sqrt(c[1] * c[2]), 1e-12)
+    out = {f"correlation_{name}": corr(c) for name, c in sums.items() if not name.startswith("shuffled_")}
+    out["correlation"] = corr(sums["latents"] + sums["chunks"])
+    out["correlation_shuffled"] = corr(sums.get("shuffled_latents", 0) + sums["shuffled_chunks"])
     out.update({k: h[0] / max(1, h[1]) for k, h in hits.items()})
     return out
 
@@ -260,12 +352,17 @@ def pretrain_encoder(cfg: DictConfig) -> dict:
     if mcfg.get("pretrained_encoder_path") or mcfg.get("freeze_encoder"):  # inherited from stage 2's model file
         raise UserConfigError("model.pretrained_encoder_path / model.freeze_encoder set stage 2's start (train.py); "
                               "stage 1 trains the encoder from scratch: drop them here and pass them to train.py.")
+    if mcfg.pretrain_retention_weight > 0 and mcfg.pretrain_max_depth < 2:
+        raise UserConfigError("model.pretrain_retention_weight > 0 decodes older chunks of a chain: it needs "
+                              f"model.pretrain_max_depth >= 2 (got {mcfg.pretrain_max_depth}).")
     if mcfg.pretrain_batch_size < world or mcfg.pretrain_batch_size % world:
         raise UserConfigError(f"model.pretrain_batch_size={mcfg.pretrain_batch_size} must be a positive multiple of the "
                               f"number of processes ({world}).")
     histories = load_histories(cfg, "train")
     make = lambda split, seed: ADCompressedPretrainDataset(histories, mcfg, split, mcfg.pretrain_val_streams,
-                                                           mcfg.pretrain_depth_weights, seed=seed)
+                                                           mcfg.pretrain_depth_weights, seed=seed,
+                                                           n_val_tasks=mcfg.pretrain_val_tasks,
+                                                           positives=mcfg.pretrain_contrastive_weight > 0)
     train_set, val_set = make("train", cfg.seed), make("val", cfg.seed + 1)
     run_dir = prepare_run_dir(cfg, accelerator)
 
@@ -306,7 +403,7 @@ def pretrain_encoder(cfg: DictConfig) -> dict:
     logs = MeanLogs()
     bar = progress_bar(mcfg.pretrain_steps, step, accelerator, "pretrain")
     for batch in epoch_batches(loader, generator, cfg.seed, step, accelerator) if step < mcfg.pretrain_steps else ():
-        loss, step_logs = pretrain_loss(model(batch), mcfg.pretrain_mse_weight, mcfg.pretrain_ce_weight)
+        loss, step_logs = pretrain_loss(model(batch), batch, mcfg)
         optimizer_step(accelerator, model, optimizer, scheduler, loss, mcfg.pretrain_max_grad_norm, step, "lower model.pretrain_lr")
         step += 1
         bar.update(1)
@@ -326,9 +423,11 @@ def pretrain_encoder(cfg: DictConfig) -> dict:
                 for k, v in metrics.items():
                     writer.add_scalar(f"pretrain/{k}", v, step)
                 tqdm.write(f"step {step}: held-out correlation {metrics['correlation']:.3f} (latents "
-                           f"{metrics['correlation_latents']:.3f}, chunks {metrics['correlation_chunks']:.3f}); action "
+                           f"{metrics['correlation_latents']:.3f}, chunks {metrics['correlation_chunks']:.3f}; "
+                           f"from shuffled latents {metrics['correlation_shuffled']:.3f}); action "
                            f"accuracy by depth " + " / ".join(f"{metrics.get(f'action_acc_depth{d}', float('nan')):.2f}"
-                                                              for d in range(1, mcfg.pretrain_max_depth + 1)))
+                                                              for d in range(1, mcfg.pretrain_max_depth + 1))
+                           + (f"; task retrieval {metrics['task_retrieval_acc']:.2f}" if "task_retrieval_acc" in metrics else ""))
             accelerator.wait_for_everyone()
         if step % mcfg.pretrain_save_interval == 0 or final:
             save_stage1(run_dir, "final" if final else f"step{step}", accelerator, model, optimizer, scheduler, step, cfg)

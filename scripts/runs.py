@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-from evaluation import bootstrap_ratio
+from evaluation import bootstrap_ratio, result_name
 
 
 def run(script: str, *overrides: str) -> float:
@@ -171,3 +171,39 @@ def write_table(path: Path, header: list[str], rows: list[list[str]], note: str 
     text = "\n".join(lines) + note
     Path(path).write_text(text)
     print(text)
+
+
+# CompressedAD's memory tests: (column, evaluate.py settings; a test with several is averaged over them)
+MEMORY_TESTS = (
+    ("clear costs", [{"memory": "clear"}]),
+    ("truncate-1 costs", [{"memory": "truncate", "memory_chunks": 1}]),
+    ("transplant, same task, costs", [{"memory": "transplant", "donor": "same_task"}]),
+    ("transplant, other task (3 derangements), costs", [{"memory": "transplant", "donor": "other_task", "donor_permutation": p}
+                                                       for p in range(3)]),
+)
+
+
+def memory_eval(run_dir: Path, ckpt: Path, split: str, settings: dict) -> dict:
+    """One memory test's result, reused only if it evaluated this checkpoint with these settings."""
+    name = result_name(split, settings["memory"], settings.get("memory_chunks", 1), settings.get("donor", "other_task"),
+                       settings.get("donor_permutation", 0))
+    if not reusable_eval(run_dir, name, ckpt, memory=settings["memory"], **{k: v for k, v in settings.items() if k != "memory"}):
+        run("evaluate.py", f"checkpoint={ckpt}", f"split={split}", *[f"{k}={v}" for k, v in settings.items()])
+    return eval_result(run_dir, name)
+
+
+def averaged(results: list[dict]) -> dict:
+    """One result whose per-task returns are the mean of `results` (the same tasks and draws, e.g. several donor
+    derangements of one test), for paired differences against the normal rollout."""
+    return {**results[0], "returns": np.mean([np.asarray(r["returns"]) for r in results], axis=0).tolist(),
+            "fraction_of_optimal_last10": float(np.mean([r["fraction_of_optimal_last10"] for r in results]))}
+
+
+def memory_row(name: str, results: list[dict], memory: dict) -> list[str]:
+    """A model's memory tests on one split: normal last10, then each test's last10 and its cost (normal minus test:
+    per-task, mean over seeds, 95% interval over tasks, per seed) on the same tasks and draws."""
+    row = [name, mean_pm([r["fraction_of_optimal_last10"] for r in results])]
+    for per_seed in memory.values():  # the tests that were run, in MEMORY_TESTS order
+        tested = [averaged(ms) for ms in per_seed]  # per seed: the mean over the test's settings
+        row.append(f"{mean_pm([t['fraction_of_optimal_last10'] for t in tested])}; cost {paired_difference(results, tested)}")
+    return row

@@ -43,3 +43,28 @@ def test_stage1_chunk_lengths_min_above_max_are_refused():
     
     with pytest.raises(DatasetError, match=r"min_compress_length \(45\) <= model.max_compress_length \(40\)"):
         ADCompressedPretrainDataset(labelled_histories(T=400), pretrain_cfg(pretrain_min_compress_length=45), "train", 1)
+
+
+def test_positives_come_from_the_same_goal_and_one_stream_goals_hold_out_whole_goals():
+    mcfg = pretrain_cfg()
+    h = labelled_histories(n_goals=3, n_streams=4, T=400)  # state = stream id * 1000 + t, stream id = goal * 4 + stream
+    ds = ADCompressedPretrainDataset(h, mcfg, "train", n_val_streams=1, positives=True)
+    b = ds.__getitems__(np.arange(0, len(ds), 13))
+    anchor, positive = b["chunks"][:, 0, 0, 4].long(), b["positive_chunks"][:, 0, 0, 4].long()
+    stream_a, stream_p = anchor // 1000, positive // 1000
+    assert (stream_a // 4 == stream_p // 4).all() and (stream_a // 4 == b["task"]).all()  # same goal
+    assert (stream_a != stream_p).all() and (stream_p % 4 < 3).all()  # another stream, none held out
+    assert (anchor % 1000 != positive % 1000).float().mean() > 0.9  # at an unrelated point of its history
+
+    one = labelled_histories(n_goals=10, n_streams=1, T=600)
+    train = ADCompressedPretrainDataset(one, mcfg, "train", n_val_streams=2, n_val_tasks=3, positives=True)
+    val = ADCompressedPretrainDataset(one, mcfg, "val", n_val_streams=2, n_val_tasks=3)
+    goals = lambda ds: set((ds.__getitems__(np.arange(0, len(ds), 11))["chunks"][:, 0, 0, 4].long() // 1000).tolist())
+    assert goals(train) == set(range(7)) and goals(val) == {7, 8, 9}
+    b = train.__getitems__(np.arange(0, len(train), 17))
+    anchor, positive = b["chunks"][:, 0, 0, 4].long(), b["positive_chunks"][:, 0, 0, 4].long()
+    chain = b["chunk_lengths"].sum(1)
+    assert (anchor // 1000 == positive // 1000).all()  # the same stream, not overlapping
+    assert ((positive % 1000 - anchor % 1000).abs() >= chain).all()
+    with pytest.raises(DatasetError, match="pretrain_val_tasks=0 must be in"):
+        ADCompressedPretrainDataset(one, mcfg, "train", n_val_streams=2, n_val_tasks=0)

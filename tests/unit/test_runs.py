@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -65,7 +66,7 @@ def test_paired_difference_resamples_tasks_and_refuses_unpaired_results():
 
 
 def test_memory_row_pairs_each_test_with_the_normal_rollout_and_averages_derangements():
-    from scripts.compare_context import MEMORY_TESTS, averaged, memory_row
+    from scripts.runs import MEMORY_TESTS, averaged, memory_row
 
     def result(last10):  # 2 tasks, optimal 10 each; the last 10 episodes return `last10` per task
         return {"tasks": [[0, 0], [1, 1]], "n_envs_per_task": 4, "optimal_return": [10.0, 10.0],
@@ -100,3 +101,25 @@ def test_compare_context_refuses_an_unknown_variant_before_running_anything(monk
     with pytest.raises(SystemExit):
         compare_context.main()
     assert "put Hydra overrides before --variants" in capsys.readouterr().err
+
+
+def test_compare_pretraining_variants_compose_and_an_override_after_variants_is_refused(monkeypatch, capsys):
+    """Every stage-1 objective and stage-2 start composes into the config it names; a misplaced override is refused."""
+    from scripts import compare_pretraining as cp
+    from scripts.runs import composed_config
+
+    for slug, (_, objective, overrides) in cp.VARIANTS.items():
+        if objective:
+            stage1 = composed_config("pretrain_encoder", ["experiment=quick", *cp.OBJECTIVES[objective][1]])["model"]
+            assert (stage1["pretrain_retention_weight"] > 0) == (objective == "retention"), slug
+            assert (stage1["pretrain_contrastive_weight"] > 0) == (objective == "contrastive"), slug
+        stage2 = composed_config("train", ["experiment=quick", "model=ad_compressed_dr", *overrides])["model"]
+        assert stage2["freeze_encoder"] == slug.endswith("frozen"), slug
+    assert cp.steps_to_reach(np.array([325, 650, 975]), np.array([0.5, 0.8, 0.7]), 0.75) == 650
+    assert cp.steps_to_reach(np.array([325, 650]), np.array([0.5, 0.6]), 0.75) is None
+
+    monkeypatch.setattr("sys.argv", ["compare_pretraining.py", "--variants", "scratch", "eval_interval=2000"])
+    monkeypatch.setattr(cp, "run", lambda *a, **k: pytest.fail("nothing may run"))
+    with pytest.raises(SystemExit):
+        cp.main()
+    assert "invalid choice: 'eval_interval=2000'" in capsys.readouterr().err

@@ -22,8 +22,15 @@ def pretrain_cfg(**over):
     return cfg.model
 
 
-def test_checkpoint_has_exactly_the_seed_keys_and_loads_into_compressed_ad(tmp_path):
-    mcfg = pretrain_cfg()
+OBJECTIVES = {"autoencode": {}, "retention": {"pretrain_retention_weight": 1.0, "pretrain_max_depth": 4,
+                                             "pretrain_depth_weights": [1, 1, 1, 1]},
+              "contrastive": {"pretrain_contrastive_weight": 1.0}}
+
+
+@pytest.mark.parametrize("objective", sorted(OBJECTIVES))
+def test_checkpoint_has_exactly_the_seed_keys_and_loads_into_compressed_ad(objective, tmp_path):
+    """Whatever the objective, what stage 1 adds (decoder, age embedding, task head) stays out of the hand-off."""
+    mcfg = pretrain_cfg(**OBJECTIVES[objective])
     pre = EncoderPretrainModel(N_STATES, N_ACTIONS, mcfg)
     path = tmp_path / "enc.pt"
     torch.save(stage1_checkpoint(pre, 7, OmegaConf.to_container(mcfg)), path)
