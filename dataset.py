@@ -126,6 +126,11 @@ def select_streams(histories: dict, picked: slice) -> dict:
     return {k: (v[:, picked] if k in (*HISTORY_KEYS, "noise") else v) for k, v in histories.items()}
 
 
+def select_tasks(histories: dict, picked: slice) -> dict:
+    """The same histories with only the tasks `picked` (the [G, S, T] arrays and `tasks` sliced on G)."""
+    return {k: (v[picked] if k in (*HISTORY_KEYS, "noise", "tasks") else v) for k, v in histories.items()}
+
+
 def stream_tokens(histories: dict) -> tuple[np.ndarray, np.ndarray]:
     """[G, S, T] histories -> tokens [G*S, T, 6] and target actions [G*S, T], one row per stream. NO_TARGET on noise
     steps and on the steps of the env's `done_phase` (after Key-to-Door's door): context, never targets."""

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dataset import select_streams, stream_tokens
+from dataset import select_streams, select_tasks, stream_tokens
 from utils.errors import DatasetError
 from utils.hashing import hashed_ints
 
@@ -39,8 +39,7 @@ class ADCompressedPretrainDataset(Dataset):
                 raise DatasetError(f"The dataset has one stream per goal, so validation holds out whole goals: "
                                    f"model.pretrain_val_tasks={n_val_tasks} must be in [1, {G - 1}].")
             keep = slice(0, G - n_val_tasks) if split == "train" else slice(G - n_val_tasks, G)
-            histories = {k: (v[keep] if isinstance(v, np.ndarray) and v.ndim and v.shape[0] == G else v)
-                         for k, v in histories.items()}
+            histories = select_tasks(histories, keep)
         self.tokens, _ = stream_tokens(histories)
         self.streams_per_goal = histories["states"].shape[1]
         self.n_streams, self.T = self.tokens.shape[:2]
@@ -84,9 +83,9 @@ class ADCompressedPretrainDataset(Dataset):
         out = {"index": torch.from_numpy(indices), "chunks": cut(stream, start), "chunk_lengths": torch.from_numpy(lengths),
                "depth": torch.from_numpy(depth), "task": torch.from_numpy(stream // S)}
         if self.positives:  # anywhere in the history, so that where a chain sits (episode phase, age) cannot pair them
-            first = hashed_ints(indices, salt + 3 + D, 0, self.T - 1 - chain)
             if S > 1:  # another stream of the same goal
                 other = stream - stream % S + (stream % S + hashed_ints(indices, salt + 2 + D, 1, S - 1)) % S
+                first = hashed_ints(indices, salt + 3 + D, 0, self.T - 1 - chain)
             else:  # the same stream, not overlapping the chain: skip the 2 * chain - 1 starts that would
                 other = stream
                 q = hashed_ints(indices, salt + 3 + D, 0, self.T - 3 * chain)

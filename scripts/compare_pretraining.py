@@ -66,7 +66,7 @@ def main() -> None:
     p.add_argument("--eval-interval", type=int, default=325, help="stage-2 steps between validation evaluations (the curve)")
     p.add_argument("--out", default=None, help="default: runs/compare-pretraining-<env>")
     args, extra = p.parse_known_args()
-    if any(not o.count("=") for o in extra):
+    if any("=" not in o for o in extra):
         p.error(f"unknown arguments {[o for o in extra if '=' not in o]}: Hydra overrides are key=value")
     out = ROOT / (args.out or f"runs/compare-pretraining-{args.env}")
     out.mkdir(parents=True, exist_ok=True)
