@@ -23,12 +23,14 @@ from scripts.runs import (
     MEMORY_TESTS,
     ROOT,
     collect_overrides,
+    composed_config,
     eval_result,
     last10_over_seeds,
     mean_pm,
     memory_eval,
     memory_row,
     paired_difference,
+    reusable_eval,
     reuse_run,
     run,
     scalars,
@@ -97,6 +99,10 @@ def main() -> None:
                          f"eval_interval={args.eval_interval}", "final_eval_splits=[val,test]", *extra]
             if not reuse_run(ckpt, "train", overrides):
                 run("train.py", *overrides)
+            sizes = {k: composed_config("train", overrides)["eval"][k] for k in ("n_envs_per_task", "n_episodes")}
+            for split in ("val", "test"):  # a reused run may have been evaluated on other splits
+                if not reusable_eval(run_dir, split, ckpt, memory="normal", **sizes):
+                    run("evaluate.py", f"checkpoint={ckpt}", f"split={split}")
             steps, sec = scalars(run_dir, "train/seconds_per_step")
             curve_steps, curve = scalars(run_dir, "eval/fraction_of_optimal_last10")  # validation; the last point is the full eval
             results[slug].append({

@@ -36,8 +36,11 @@ def collect_overrides(overrides) -> list[str]:
     return [o for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".")[0] in {"env", "algorithm", "experiment", *top}]
 
 
-# keys of a run's config that may differ between the run and a request to reuse it
-NOT_PART_OF_THE_RUN = ("resume", "overwrite", "dataset", "log_first_batch", "run_name")  # a run moved to another name is the same run
+# keys of a run's config that may differ between the run and a request to reuse it: run control, the name (a run moved
+# to another name is the same run), and what happens beside the weights (checkpoint cadence; the full evaluations after
+# the last step: the comparison runs evaluate.py for a split the run did not evaluate). eval_interval stays: it sets
+# the validation curve a comparison reads.
+NOT_PART_OF_THE_RUN = ("resume", "overwrite", "dataset", "log_first_batch", "run_name", "save_interval", "final_eval_splits")
 
 
 def composed_config(script: str, overrides) -> dict:

@@ -28,6 +28,10 @@ def test_a_run_is_reused_only_under_the_config_that_made_it(tmp_path):
     assert reuse_run(ckpt, "train", OVERRIDES) is True
     assert reuse_run(ckpt, "train", [*OVERRIDES, "resume=true"]) is True  # run control, not part of the run
     assert reuse_run(ckpt, "train", [*OVERRIDES, "run_name=moved-here"]) is True  # a run moved under another name
+    # beside the weights: checkpoint cadence and the evaluations after the last step (the comparison evaluates a missing split)
+    assert reuse_run(ckpt, "train", [*OVERRIDES, "save_interval=7", "final_eval_splits=[val]"]) is True
+    with pytest.raises(SystemExit, match="eval_interval"):  # the validation curve a comparison reads
+        reuse_run(ckpt, "train", [*OVERRIDES, "eval_interval=7"])
     with pytest.raises(SystemExit, match=r"training.train_timesteps': \(2600, 100\)"):
         reuse_run(ckpt, "train", [*OVERRIDES, "training.train_timesteps=100"])
     with pytest.raises(SystemExit, match="seed"):
