@@ -173,14 +173,17 @@ def main() -> None:
                         f"\n\n{split} tasks, seeds {args.seeds}: last10 (mean ± std over seeds) with the memory altered after "
                         f"every compression; cost = normal minus test per task, mean over seeds [95% interval over tasks] "
                         f"(per seed). Same tasks, starts and action draws as the normal rollout.\n")
-        plot(curves[split], out / f"curves-{split}.png", f"{args.env}, {split} tasks, seeds {args.seeds}")
+        from evaluation import source_curves_for
+
+        source = source_curves_for(composed_config("train", ["experiment=quick", *env, *extra]), split)  # same tasks
+        plot(curves[split], source, out / f"curves-{split}.png", f"{args.env}, {split} tasks, seeds {args.seeds}")
     if long_rows:
         write_table(out / "table-long.md", ["model", "last10 of 100", f"last10 of {args.long_episodes}", "change",
                                             "compressions"], long_rows,
                     f"\n\n{args.splits[-1]} tasks, the same rollouts continued; drift shows as a negative change.\n")
 
 
-def plot(curves: dict, path: Path, title: str) -> None:
+def plot(curves: dict, source: dict, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,6 +192,10 @@ def plot(curves: dict, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, c in curves.items():
         ax.plot(c, label=name)
+    n_episodes = max(len(c) for c in curves.values())
+    for name, c in source.items():  # the source's own learning on these tasks, over the same episodes
+        ax.plot(np.asarray(c[:n_episodes], dtype=float), label=name, color="gray", alpha=0.6,
+                linestyle=":" if "without" in name else "-")
     ax.axhline(1.0, color="k", linestyle="--", label="optimal")
     ax.set_xlabel("episode in context")
     ax.set_ylabel("fraction of optimal return")

@@ -127,3 +127,20 @@ def test_compare_pretraining_variants_compose_and_an_override_after_variants_is_
     with pytest.raises(SystemExit):
         cp.main()
     assert "invalid choice: 'eval_interval=2000'" in capsys.readouterr().err
+
+
+def test_compare_context_curves_show_the_source_on_the_same_episodes(tmp_path, monkeypatch):
+    """The comparison's curve plot carries the source's learning curve, cut to the models' episodes."""
+    import matplotlib.figure
+
+    from scripts.compare_context import plot
+
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    source = {"source algorithm, its histories": list(np.linspace(0, 1, 120)),
+              "source algorithm, episodes without a noise step": [None] * 120}  # no noise-free episode: NaN, not a crash
+    plot({"model": np.full(100, 0.5)}, source, tmp_path / "c.png", "t")
+    lines = {line.get_label(): line.get_ydata() for line in saved[0].axes[0].get_lines()}
+    assert len(lines["source algorithm, its histories"]) == 100
+    assert np.isnan(lines["source algorithm, episodes without a noise step"]).all()
+    assert set(lines) >= {"model", "optimal"}
