@@ -52,8 +52,9 @@ VARIANTS = {"scratch": ("from scratch", None, []),
 
 
 def steps_to_reach(steps: np.ndarray, values: np.ndarray, target: float) -> int | None:
-    """The first evaluated step whose validation return is at least `target` (None: never)."""
-    hits = np.nonzero(values >= target)[0]
+    """The first evaluated step whose validation return is at least `target` (None: never). TensorBoard keeps float32,
+    the eval file float64: a curve's last point (the final evaluation) must reach its own return."""
+    hits = np.nonzero(values >= np.float32(target) - 1e-6)[0]
     return int(steps[hits[0]]) if len(hits) else None
 
 

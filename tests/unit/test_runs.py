@@ -121,6 +121,9 @@ def test_compare_pretraining_variants_compose_and_an_override_after_variants_is_
         assert stage2["freeze_encoder"] == slug.endswith("frozen"), slug
     assert cp.steps_to_reach(np.array([325, 650, 975]), np.array([0.5, 0.8, 0.7]), 0.75) == 650
     assert cp.steps_to_reach(np.array([325, 650]), np.array([0.5, 0.6]), 0.75) is None
+    final = 0.8951682692307692  # a final evaluation: the eval file holds float64, the event file float32 (0.89516824)
+    curve = np.array([0.5, final], dtype=np.float32).astype(np.float64)  # as scalars() reads it
+    assert cp.steps_to_reach(np.array([325, 650]), curve, final) == 650
 
     monkeypatch.setattr("sys.argv", ["compare_pretraining.py", "--variants", "scratch", "eval_interval=2000"])
     monkeypatch.setattr(cp, "run", lambda *a, **k: pytest.fail("nothing may run"))
