@@ -193,9 +193,8 @@ def plot(curves: dict, source: dict, path: Path, title: str) -> None:
     for name, c in curves.items():
         ax.plot(c, label=name)
     n_episodes = max(len(c) for c in curves.values())
-    for name, c in source.items():  # the source's own learning on these tasks, over the same episodes
-        ax.plot(np.asarray(c[:n_episodes], dtype=float), label=name, color="gray", alpha=0.6,
-                linestyle=":" if "without" in name else "-")
+    for (name, c), style in zip(source.items(), ("-", ":")):  # the source's own learning on these tasks, same episodes
+        ax.plot(np.asarray(c[:n_episodes], dtype=float), label=name, color="gray", alpha=0.6, linestyle=style)
     ax.axhline(1.0, color="k", linestyle="--", label="optimal")
     ax.set_xlabel("episode in context")
     ax.set_ylabel("fraction of optimal return")
