@@ -18,12 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
+from evaluation import source_curves_for
 from scripts.runs import (
     MEMORY_TESTS,
     ROOT,
     collect_overrides,
     composed_config,
     eval_result,
+    full_evals,
     last10_over_seeds,
     mean_pm,
     median_never,
@@ -116,16 +118,13 @@ def main() -> None:
                                "eval_interval=0", f"final_eval_splits=[{','.join(args.splits)}]", *extra]
             if not reuse_run(ckpt, "train", train_overrides):  # a finished run is reused only under the same config
                 run("train.py", *train_overrides)
-            run_eval = composed_config("train", train_overrides)["eval"]
-            sizes = {"n_envs_per_task": run_eval["n_envs_per_task"], "n_episodes": run_eval["n_episodes"]}
+            evals = full_evals(run_dir, ckpt, args.splits, train_overrides)
             steps, sec = scalars(run_dir, "train/seconds_per_step")
             _, targets = scalars(run_dir, "train/targets_per_step")
             train.append({"seconds": float(sec[-1] * steps[-1]), "targets_per_second": float(targets.mean() / sec[-1])})
             compressed = "compressed" in slug
             for split in args.splits:
-                if not reusable_eval(run_dir, split, ckpt, memory="normal", **sizes):
-                    run("evaluate.py", f"checkpoint={ckpt}", f"split={split}")
-                results[split].append(eval_result(run_dir, split))
+                results[split].append(evals[split])
                 for test, settings in (MEMORY_TESTS if compressed else ()):
                     memory[split][test].append([memory_eval(run_dir, ckpt, split, s) for s in settings])
             if compressed and args.long_episodes:
@@ -153,6 +152,7 @@ def main() -> None:
         header += ["key taken (last10)", "door reached (last10)"]
     header += [test for test, _ in MEMORY_TESTS] + ["memory value: loss@1 chunk - loss@8",
                "train wall s", "train targets/s", "eval ms per env step", "compressions"]
+    dataset_config = composed_config("train", ["experiment=quick", *env, *extra])  # for the source's curves
     for split in args.splits:
         r = eval_result(ROOT / "runs" / f"compare-{args.env}-{slugs[0]}-seed{args.seeds[0]}", split)
         note = (f"\n\n{args.env}, quick preset, {split} tasks ({len(r['tasks'])} x {r['n_envs_per_task']} envs, "
@@ -173,9 +173,7 @@ def main() -> None:
                         f"\n\n{split} tasks, seeds {args.seeds}: last10 (mean ± std over seeds) with the memory altered after "
                         f"every compression; cost = normal minus test per task, mean over seeds [95% interval over tasks] "
                         f"(per seed). Same tasks, starts and action draws as the normal rollout.\n")
-        from evaluation import source_curves_for
-
-        source = source_curves_for(composed_config("train", ["experiment=quick", *env, *extra]), split)  # same tasks
+        source = source_curves_for(dataset_config, split)  # the source's learning on the same tasks
         plot(curves[split], source, out / f"curves-{split}.png", f"{args.env}, {split} tasks, seeds {args.seeds}")
     if long_rows:
         write_table(out / "table-long.md", ["model", "last10 of 100", f"last10 of {args.long_episodes}", "change",

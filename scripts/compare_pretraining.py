@@ -23,14 +23,13 @@ from scripts.runs import (
     MEMORY_TESTS,
     ROOT,
     collect_overrides,
-    composed_config,
     eval_result,
+    full_evals,
     last10_over_seeds,
     mean_pm,
     memory_eval,
     memory_row,
     paired_difference,
-    reusable_eval,
     reuse_run,
     run,
     scalars,
@@ -100,14 +99,11 @@ def main() -> None:
                          f"eval_interval={args.eval_interval}", "final_eval_splits=[val,test]", *extra]
             if not reuse_run(ckpt, "train", overrides):
                 run("train.py", *overrides)
-            sizes = {k: composed_config("train", overrides)["eval"][k] for k in ("n_envs_per_task", "n_episodes")}
-            for split in ("val", "test"):  # a reused run may have been evaluated on other splits
-                if not reusable_eval(run_dir, split, ckpt, memory="normal", **sizes):
-                    run("evaluate.py", f"checkpoint={ckpt}", f"split={split}")
+            evals = full_evals(run_dir, ckpt, ("val", "test"), overrides)
             steps, sec = scalars(run_dir, "train/seconds_per_step")
             curve_steps, curve = scalars(run_dir, "eval/fraction_of_optimal_last10")  # validation; the last point is the full eval
             results[slug].append({
-                "val": eval_result(run_dir, "val"), "test": eval_result(run_dir, "test"),
+                "val": evals["val"], "test": evals["test"],
                 "curve": (curve_steps, curve), "seconds_per_step": (steps, sec), "steps": int(steps[-1]),
                 "seconds": float(sec[-1] * steps[-1]),
                 "memory": {test: [memory_eval(run_dir, ckpt, "test", s) for s in settings] for test, settings in tests},

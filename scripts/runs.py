@@ -123,6 +123,17 @@ def eval_result(run_dir: Path, name: str = "test") -> dict:
     return json.loads((Path(run_dir) / "eval" / f"{name}.json").read_text())
 
 
+def full_evals(run_dir: Path, checkpoint: Path, splits, train_overrides) -> dict:
+    """{split: the run's full evaluation}, from evaluate.py where the run did not make a matching one itself (a
+    reused run may have been evaluated on other splits, or with other sizes than these overrides ask)."""
+    run_eval = composed_config("train", train_overrides)["eval"]
+    sizes = {"n_envs_per_task": run_eval["n_envs_per_task"], "n_episodes": run_eval["n_episodes"]}
+    for split in splits:
+        if not reusable_eval(run_dir, split, checkpoint, memory="normal", **sizes):
+            run("evaluate.py", f"checkpoint={checkpoint}", f"split={split}")
+    return {split: eval_result(run_dir, split) for split in splits}
+
+
 def mean_pm(values, digits: int = 3) -> str:
     """mean ± std over training seeds (std with ddof 1); '-' when there is nothing."""
     values = [v for v in values if v is not None]
