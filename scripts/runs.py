@@ -43,6 +43,19 @@ def collect_overrides(overrides) -> list[str]:
 NOT_PART_OF_THE_RUN = ("resume", "overwrite", "dataset", "log_first_batch", "run_name", "save_interval", "final_eval_splits")
 
 
+# keys naming a file the run started from: the same bytes at another path (a stage-1 run copied in under a comparison's
+# name) make the same run
+INPUT_FILES = ("model.pretrained_encoder_path",)
+
+
+def same_file_content(a, b) -> bool:
+    """True when both paths (relative ones from the repo root, as train.py reads them) are files with the same bytes."""
+    import filecmp
+
+    paths = [Path(p) if Path(p).is_absolute() else ROOT / p for p in (a, b) if p]
+    return len(paths) == 2 and all(p.is_file() for p in paths) and filecmp.cmp(*paths, shallow=False)
+
+
 def composed_config(script: str, overrides) -> dict:
     """The resolved config `python <script>.py overrides...` would run with, as plain containers (as checkpoints hold it)."""
     from hydra import compose, initialize_config_dir
@@ -74,7 +87,8 @@ def reuse_run(checkpoint: Path, script: str, overrides) -> bool:
 
     then = load_checkpoint(checkpoint, "run to reuse", required_keys=("config",))["config"]
     now = composed_config(script, overrides)
-    differ = {k: v for k, v in config_differences(then, now).items() if k.split(".")[0] not in NOT_PART_OF_THE_RUN}
+    differ = {k: v for k, v in config_differences(then, now).items()
+              if k.split(".")[0] not in NOT_PART_OF_THE_RUN and not (k in INPUT_FILES and same_file_content(*v))}
     if differ:
         sys.exit(f"Error: {checkpoint} was made under another config than this comparison asks for; (then, now) = {differ}. "
                  f"Move {checkpoint.parent} aside to retrain it, or pass the overrides it was made with.")

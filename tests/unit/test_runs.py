@@ -39,6 +39,27 @@ def test_a_run_is_reused_only_under_the_config_that_made_it(tmp_path):
     assert config_differences({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}, "d": 4}) == {"a.c": (2, 3), "d": (None, 4)}
 
 
+def test_a_run_started_from_a_copied_encoder_is_the_same_run(tmp_path):
+    encoder = tmp_path / "stage1" / "encoder-pretrained-final.pt"
+    encoder.parent.mkdir()
+    encoder.write_bytes(b"weights")
+    copied, other = tmp_path / "copy" / encoder.name, tmp_path / "other" / encoder.name
+    copied.parent.mkdir(), other.parent.mkdir()
+    copied.write_bytes(b"weights")
+    other.write_bytes(b"weightz")  # same size, other bytes
+    start = [*OVERRIDES, f"model.pretrained_encoder_path={encoder}"]
+    run_dir, _ = fake_run(tmp_path, start)
+    ckpt = run_dir / "checkpoint-final.pt"
+    assert reuse_run(ckpt, "train", [*OVERRIDES, f"model.pretrained_encoder_path={copied}"]) is True
+    with pytest.raises(SystemExit, match="pretrained_encoder_path"):
+        reuse_run(ckpt, "train", [*OVERRIDES, f"model.pretrained_encoder_path={other}"])
+    with pytest.raises(SystemExit, match="pretrained_encoder_path"):  # from scratch is another run
+        reuse_run(ckpt, "train", OVERRIDES)
+    encoder.unlink()  # the run's own encoder gone: nothing to compare the bytes with
+    with pytest.raises(SystemExit, match="pretrained_encoder_path"):
+        reuse_run(ckpt, "train", [*OVERRIDES, f"model.pretrained_encoder_path={copied}"])
+
+
 def test_an_eval_file_is_reused_only_for_this_checkpoint_and_these_settings(tmp_path):
     run_dir, config = fake_run(tmp_path, OVERRIDES)
     ckpt = run_dir / "checkpoint-final.pt"
