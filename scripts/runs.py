@@ -2,6 +2,7 @@
 and summarise results over training seeds with intervals over tasks."""
 from __future__ import annotations
 
+import filecmp
 import functools
 import json
 import subprocess
@@ -50,8 +51,6 @@ INPUT_FILES = ("model.pretrained_encoder_path",)
 
 def same_file_content(a, b) -> bool:
     """True when both paths (relative ones from the repo root, as train.py reads them) are files with the same bytes."""
-    import filecmp
-
     paths = [Path(p) if Path(p).is_absolute() else ROOT / p for p in (a, b) if p]
     return len(paths) == 2 and all(p.is_file() for p in paths) and filecmp.cmp(*paths, shallow=False)
 
